@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one command that tests imgbd on a fresh machine: installs the Debian peers the tests
+# talk to when they are missing, the npm dependencies, then lints, typechecks and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+peers=(qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
+       nbdsh:libnbd-bin nbdkit:nbdkit fio:fio openssl:openssl)
+missing=()
+for p in "${peers[@]}"; do
+  command -v "${p%%:*}" >/dev/null 2>&1 || missing+=("${p#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing test peers: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+
+npm ci --no-audit --no-fund
+npm run lint
+npm run typecheck
+CI=${CI:-true} npm test
