@@ -1,0 +1,252 @@
+// The raw format: the image is the bytes of a host file or block device, read and written at
+// the same offsets. Durability: flush = fdatasync; FUA is left to the backend, which flushes
+// after the write (capabilities().fua is false). trim deallocates (punch hole / BLKDISCARD);
+// zero uses fallocate or BLKZEROOUT and falls back to writing zeros unless `fast` is asked.
+
+import {
+  DEFAULT_BLOCK_SIZES,
+  type BlockDevice,
+  type BlockSizes,
+  type Capabilities,
+  type Extent,
+  type ExtentsOptions,
+  type ZeroOptions,
+} from '../../block/device.js';
+import { writeZeros } from '../../block/zero-buffer.js';
+import { RequestError } from '../../errors.js';
+import { HostFile } from '../../io/host-file.js';
+import { isNotSupported } from '../../sys/errno.js';
+import {
+  blockDeviceDiscard,
+  blockDeviceLogicalSectorSize,
+  blockDevicePhysicalSectorSize,
+  blockDeviceSize,
+  blockDeviceZeroOut,
+  fallocate,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+} from '../../sys/libc.js';
+import { PROBE_HEAD_BYTES } from '../magic.js';
+import type { FormatDriver, OpenImageOptions } from '../registry.js';
+import { seekExtents } from './extents.js';
+import { assertStaysRaw, mergeHead } from './promotion-guard.js';
+
+export interface RawOpenOptions {
+  readonly readOnly?: boolean;
+  /** The format was probed, not given: refuse writes that would make the image probe as another format. */
+  readonly probedRaw?: boolean;
+}
+
+const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+
+export class RawDevice implements BlockDevice {
+  readonly sizeBytes: number;
+  private readonly file: HostFile;
+  private readonly fd: number;
+  private readonly caps: Capabilities;
+  private readonly sizes: BlockSizes;
+  private readonly guardHead: boolean;
+  /** Logical sector size of a block device (1 for files): discard/zero-out must align to it. */
+  private readonly sectorBytes: number;
+  // Remembered refusals, so an unsupported fallocate mode costs one syscall, not one per request.
+  private punchUnsupported = false;
+  private zeroRangeUnsupported = false;
+  private seekUnsupported = false;
+
+  constructor(file: HostFile, sizeBytes: number, sectorBytes: number, physicalBytes: number, probedRaw: boolean) {
+    this.file = file;
+    this.fd = file.fd;
+    this.sizeBytes = sizeBytes;
+    this.sectorBytes = sectorBytes;
+    const writable = !file.readOnly;
+    this.guardHead = probedRaw && writable;
+    this.caps = {
+      writable,
+      flush: writable,
+      fua: false,
+      trim: writable,
+      zero: writable,
+      fastZero: writable,
+      extents: !file.isBlockDevice,
+      allocationDepth: false,
+      cache: false,
+      multiConn: true,
+      rotational: false,
+    };
+    // A probed raw image gets QEMU's 512-byte request alignment so that any write touching the
+    // probe head carries all of it (see promotion-guard.ts).
+    const minimum = this.guardHead ? PROBE_HEAD_BYTES : 1;
+    const preferred = Math.max(DEFAULT_BLOCK_SIZES.preferred, physicalBytes, minimum);
+    this.sizes = { minimum, preferred, maximum: DEFAULT_BLOCK_SIZES.maximum };
+  }
+
+  capabilities(): Capabilities {
+    return this.caps;
+  }
+
+  blockSizes(): BlockSizes {
+    return this.sizes;
+  }
+
+  pread(buf: Buffer, offset: number): Promise<void> {
+    return this.file.pread(buf, offset);
+  }
+
+  pwrite(buf: Buffer, offset: number): Promise<void> {
+    if (offset + buf.length > this.sizeBytes) return Promise.reject(beyondEnd(offset, buf.length, this.sizeBytes));
+    if (this.guardHead && offset < PROBE_HEAD_BYTES && buf.length > 0) return this.guardedWrite(buf, offset);
+    return this.file.pwrite(buf, offset);
+  }
+
+  private async guardedWrite(buf: Buffer, offset: number): Promise<void> {
+    const headLen = Math.min(PROBE_HEAD_BYTES, this.sizeBytes);
+    if (offset === 0 && buf.length >= headLen) {
+      assertStaysRaw(buf.subarray(0, headLen));
+    } else {
+      const current = Buffer.alloc(PROBE_HEAD_BYTES);
+      await this.file.pread(current, 0);
+      assertStaysRaw(mergeHead(current, buf, offset).subarray(0, headLen));
+    }
+    await this.file.pwrite(buf, offset);
+  }
+
+  flush(): Promise<void> {
+    return this.file.datasync();
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    if (offset + length > this.sizeBytes) throw beyondEnd(offset, length, this.sizeBytes);
+    if (length === 0) return;
+    try {
+      if (this.file.isBlockDevice) {
+        // Trim is advisory (nbd-proto.md: the server "MAY round offset up and length down"),
+        // and BLKDISCARD wants sector alignment.
+        const start = alignUp(offset, this.sectorBytes);
+        const end = alignDown(offset + length, this.sectorBytes);
+        if (end > start) await blockDeviceDiscard(this.fd, start, end - start);
+      } else if (!this.punchUnsupported) {
+        await fallocate(this.fd, PUNCH, offset, length);
+      }
+    } catch (e) {
+      if (!isNotSupported(e)) throw e;
+      if (!this.file.isBlockDevice) this.punchUnsupported = true;
+    }
+  }
+
+  async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    if (offset + length > this.sizeBytes) throw beyondEnd(offset, length, this.sizeBytes);
+    if (length === 0) return;
+    const fast = opts?.fast === true;
+    const mayTrim = opts?.mayTrim === true;
+    if (this.file.isBlockDevice ? await this.zeroBlockDevice(offset, length, mayTrim, fast) : await this.zeroFile(offset, length, mayTrim)) {
+      return;
+    }
+    if (fast) throw new RequestError('ENOTSUP', `${this.file.path}: no fast way to zero ${length} bytes at ${offset}`);
+    await writeZeros((b, o) => this.file.pwrite(b, o), offset, length);
+  }
+
+  /** True when a fallocate mode did the zeroing; false when only writing zeros is left. */
+  private async zeroFile(offset: number, length: number, mayTrim: boolean): Promise<boolean> {
+    if (mayTrim && !this.punchUnsupported) {
+      try {
+        await fallocate(this.fd, PUNCH, offset, length);
+        return true;
+      } catch (e) {
+        if (!isNotSupported(e)) throw e;
+        this.punchUnsupported = true;
+      }
+    }
+    if (!this.zeroRangeUnsupported) {
+      try {
+        await fallocate(this.fd, ZERO_RANGE, offset, length);
+        return true;
+      } catch (e) {
+        if (!isNotSupported(e)) throw e;
+        this.zeroRangeUnsupported = true;
+      }
+    }
+    return false;
+  }
+
+  private async zeroBlockDevice(offset: number, length: number, mayTrim: boolean, fast: boolean): Promise<boolean> {
+    // Unaligned ranges cannot go to the device's zeroing commands.
+    if (offset % this.sectorBytes !== 0 || length % this.sectorBytes !== 0) return false;
+    if (mayTrim && !this.punchUnsupported) {
+      // On a block device, PUNCH_HOLE is "write zeroes, may unmap, never fall back to writing":
+      // exactly a fast zero.
+      try {
+        await fallocate(this.fd, PUNCH, offset, length);
+        return true;
+      } catch (e) {
+        if (!isNotSupported(e)) throw e;
+        this.punchUnsupported = true;
+      }
+    }
+    // BLKZEROOUT may silently fall back to writing zeros in the kernel, so it is not "fast".
+    if (fast) return false;
+    try {
+      await blockDeviceZeroOut(this.fd, offset, length);
+      return true;
+    } catch (e) {
+      if (!isNotSupported(e)) throw e;
+      return false;
+    }
+  }
+
+  async extents(offset: number, length: number, opts?: ExtentsOptions): Promise<Extent[]> {
+    const end = Math.min(offset + length, this.sizeBytes);
+    if (end <= offset) throw beyondEnd(offset, length, this.sizeBytes);
+    if (!this.seekUnsupported && !this.file.isBlockDevice) {
+      try {
+        return seekExtents(this.fd, offset, end - offset, opts?.one === true);
+      } catch (e) {
+        // EINVAL: this filesystem has no SEEK_DATA; everything is data.
+        if ((e as { code?: unknown }).code !== 'EINVAL') throw e;
+        this.seekUnsupported = true;
+      }
+    }
+    return [{ length: end - offset, flags: 0 }];
+  }
+
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
+function beyondEnd(offset: number, length: number, sizeBytes: number): RequestError {
+  return new RequestError('ENOSPC', `request [${offset}, +${length}) is beyond the end of the image (${sizeBytes} bytes)`);
+}
+
+function alignUp(v: number, a: number): number {
+  return Math.ceil(v / a) * a;
+}
+
+function alignDown(v: number, a: number): number {
+  return Math.floor(v / a) * a;
+}
+
+/** Open a raw image (regular file or block device). */
+export async function openRaw(path: string, opts: RawOpenOptions = {}): Promise<RawDevice> {
+  const file = await HostFile.open(path, { readOnly: opts.readOnly ?? false });
+  try {
+    if (file.isBlockDevice) {
+      const size = blockDeviceSize(file.fd);
+      const logical = blockDeviceLogicalSectorSize(file.fd);
+      const physical = blockDevicePhysicalSectorSize(file.fd);
+      return new RawDevice(file, size, logical > 0 ? logical : 512, physical, opts.probedRaw ?? false);
+    }
+    return new RawDevice(file, await file.size(), 1, 0, opts.probedRaw ?? false);
+  } catch (e) {
+    await file.close();
+    throw e;
+  }
+}
+
+/** Raw's registry entry: matches anything, so probing consults it last. */
+export const rawFormat: FormatDriver = {
+  name: 'raw',
+  probe: () => true,
+  open: (path: string, opts: OpenImageOptions) => openRaw(path, { readOnly: opts.readOnly, probedRaw: opts.probed === true }),
+};
