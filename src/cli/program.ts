@@ -1,0 +1,109 @@
+// The command table: every command's flags and help live here, implementations load
+// lazily so `imgbd --help` and a typo cost nothing.
+
+import { Command, Option } from 'commander';
+import { reportError, EXIT } from './exit.js';
+
+type Loader = () => Promise<{ run(args: string[], opts: Record<string, unknown>, cmd: Command): Promise<number | void> }>;
+
+function lazy(load: Loader) {
+  return async function (this: Command, ...all: unknown[]): Promise<void> {
+    const cmd = all[all.length - 1] as Command;
+    const opts = cmd.opts();
+    const args = cmd.args;
+    const mod = await load();
+    const code = await mod.run(args, opts, cmd);
+    if (typeof code === 'number' && code !== 0) process.exitCode = code;
+  };
+}
+
+const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+
+export function buildProgram(): Command {
+  const program = new Command('imgbd')
+    .description('Disk images (raw, qcow2, qed, vdi) as block devices: an NBD server, client and image tools.')
+    .version('0.1.0')
+    .showHelpAfterError("(run 'imgbd <command> --help' for usage)")
+    .configureOutput({ outputError: (str, write) => write(str) })
+    .exitOverride();
+
+  program
+    .command('serve')
+    .summary('serve images over NBD')
+    .description(
+      'Serve one or more images over NBD. By default on a unix socket (mode 0600); with -p/--port on TCP,\n' +
+        'bound to 127.0.0.1 unless -b says otherwise. Several images make several named exports (-x per image).',
+    )
+    .argument('<image...>', 'image file(s) or block device(s)')
+    .option('-f, --format <fmt>', 'image format (raw); probed by magic when omitted')
+    .option('-r, --read-only', 'export read-only')
+    .option('-x, --export-name <name>', 'export name, once per image (default: "" for a single image)', collect)
+    .option('-D, --description <text>', 'export description, once per image', collect)
+    .option('-k, --socket <path>', 'listen on this unix socket')
+    .option('-p, --port <port>', 'listen on this TCP port (default 10809 when -b is given)')
+    .option('-b, --bind <addr>', 'TCP address to bind (default 127.0.0.1)')
+    .option('-e, --shared <n>', 'allow at most N clients at once (default 1, 0 = unlimited)')
+    .option('-t, --persistent', "keep serving after the last client disconnects")
+    .option('-s, --snapshot', 'throw away all writes: they go to a temporary overlay')
+    .option('-o, --offset <bytes>', 'export only the image from this offset')
+    .option('--size <bytes>', 'export only this many bytes')
+    .option('--tls <mode>', 'off | on (allow) | require', 'off')
+    .option('--tls-certificates <dir>', 'directory with ca-cert.pem, server-cert.pem, server-key.pem')
+    .option('--tls-verify-peer', 'require a client certificate signed by the CA')
+    .option('--tls-psk <file>', 'PSK file with username:hexkey lines')
+    .option('--handshake-timeout <seconds>', 'drop clients that do not finish the handshake in time', '10')
+    .option('--fork', 'go to the background once the server is ready')
+    .option('--pid-file <path>', 'write the server pid here')
+    .option('-v, --verbose', 'log connections')
+    .action(lazy(() => import('./commands/serve.js')));
+
+  program
+    .command('info')
+    .summary('show an image or an NBD export')
+    .argument('<image-or-uri>', 'image file, or nbd:// / nbd+unix:// URI')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('--json', 'print JSON')
+    .action(lazy(() => import('./commands/info.js')));
+
+  program
+    .command('list')
+    .summary('list the exports of an NBD server')
+    .argument('<uri>', 'nbd:// or nbd+unix:// URI of the server')
+    .option('--json', 'print JSON')
+    .action(lazy(() => import('./commands/list.js')));
+
+  program
+    .command('map')
+    .summary('show which ranges hold data, zeros or holes')
+    .argument('<image-or-uri>', 'image file, or NBD URI')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('--json', 'print JSON (qemu-img map --output=json shape)')
+    .action(lazy(() => import('./commands/map.js')));
+
+  program
+    .command('copy')
+    .summary('copy between images and NBD exports, sparse-aware')
+    .argument('<src>', 'source image file or NBD URI')
+    .argument('<dst>', 'destination file (created if missing) or NBD URI')
+    .option('-f, --format <fmt>', 'source format; probed when omitted')
+    .option('-C, --connections <n>', 'NBD connections per side when the export allows multi-conn', '4')
+    .option('-R, --requests <n>', 'requests in flight per connection', '16')
+    .option('--request-size <bytes>', 'bytes per request', '4M')
+    .option('-p, --progress', 'show a progress bar even when not on a terminal')
+    .addOption(new Option('--no-progress', 'never show a progress bar'))
+    .option('--flush', 'flush the destination at the end (always done for files)')
+    .action(lazy(() => import('./commands/copy.js')));
+
+  return program;
+}
+
+export async function runCli(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+  } catch (err) {
+    process.exitCode = reportError(err);
+    return;
+  }
+  if (process.exitCode === undefined) process.exitCode = EXIT.OK;
+}
