@@ -1,0 +1,187 @@
+// Incremental parser of the client→server byte stream, both phases (nbd-proto.md
+// "Fixed newstyle negotiation" and "Request message"). Pure: bytes are pushed in arbitrary
+// chunks, messages are pulled out one at a time with next(). Pulling (rather than emitting
+// everything that is buffered) lets the consumer switch phase exactly between two messages:
+// after NBD_OPT_GO is acknowledged the next bytes are requests, after NBD_OPT_STARTTLS they
+// are TLS records that must not be parsed at all.
+//
+// Limits are enforced before anything is buffered for a message: option data above
+// `maxOptionBytes` is skipped as it arrives (the consumer answers NBD_REP_ERR_TOO_BIG), a
+// write payload above `maxPayloadBytes` is drained up to `maxDrainBytes` so the stream stays
+// in sync, and anything larger than that breaks the connection.
+
+import { ProtocolError } from '../errors.js';
+import { ChunkQueue } from './chunk-queue.js';
+import { NBD_CMD, OPTION_HEADER_SIZE, REQUEST_SIZE } from './constants.js';
+import { decodeOptionHeader } from './handshake.js';
+import { decodeRequest } from './transmission.js';
+
+export type ParserPhase = 'client-flags' | 'options' | 'transmission';
+
+export type ClientMessage =
+  | { readonly kind: 'client-flags'; readonly flags: number }
+  /** An option whose data fit the limit; `data` may be a view into pushed chunks. */
+  | { readonly kind: 'option'; readonly option: number; readonly data: Buffer }
+  /** An option whose data exceeded the limit; the data is being skipped. */
+  | { readonly kind: 'option-too-big'; readonly option: number; readonly length: number }
+  | {
+      readonly kind: 'request';
+      readonly flags: number;
+      readonly type: number;
+      readonly cookie: bigint;
+      readonly offset: number;
+      readonly length: number;
+      /** NBD_CMD_WRITE payload, present unless `oversized`. */
+      readonly payload: Buffer | undefined;
+      /** A write longer than maxPayloadBytes: its payload is drained, never buffered. */
+      readonly oversized: boolean;
+    };
+
+export type RequestMessage = Extract<ClientMessage, { kind: 'request' }>;
+
+export interface RequestParserLimits {
+  /** Largest option data kept; larger data is skipped. */
+  readonly maxOptionBytes: number;
+  /** Largest write payload accepted. */
+  readonly maxPayloadBytes: number;
+  /** Largest oversized write payload that is drained rather than dropping the connection. */
+  readonly maxDrainBytes: number;
+}
+
+export const DEFAULT_PARSER_LIMITS: RequestParserLimits = {
+  maxOptionBytes: 64 * 1024,
+  maxPayloadBytes: 32 * 1024 * 1024,
+  maxDrainBytes: 64 * 1024 * 1024,
+};
+
+const EMPTY = Buffer.alloc(0);
+
+export class RequestParser {
+  private readonly queue = new ChunkQueue();
+  private phaseValue: ParserPhase;
+  private readonly limits: RequestParserLimits;
+  /** Bytes still to drop (oversized option data or write payload). */
+  private skipping = 0;
+  /** Option header seen, waiting for its data. */
+  private pendingOption: { option: number; length: number } | null = null;
+  /** Write request header seen, waiting for its payload. */
+  private pendingWrite: RequestMessage | null = null;
+
+  constructor(phase: ParserPhase = 'client-flags', limits: Partial<RequestParserLimits> = {}) {
+    this.phaseValue = phase;
+    this.limits = { ...DEFAULT_PARSER_LIMITS, ...limits };
+  }
+
+  get phase(): ParserPhase {
+    return this.phaseValue;
+  }
+
+  /** Bytes pushed but not yet returned or skipped. */
+  get buffered(): number {
+    return this.queue.length;
+  }
+
+  /** True when no message is partially parsed and nothing is buffered. */
+  get idle(): boolean {
+    return this.queue.length === 0 && this.skipping === 0 && this.pendingOption === null && this.pendingWrite === null;
+  }
+
+  push(chunk: Buffer): void {
+    this.queue.push(chunk);
+  }
+
+  /** Switch to option haggling (after the client flags; again after STARTTLS on the new stream). */
+  enterOptions(): void {
+    this.assertBoundary();
+    this.phaseValue = 'options';
+  }
+
+  /** Switch to transmission (after NBD_OPT_EXPORT_NAME or an acknowledged NBD_OPT_GO). */
+  enterTransmission(): void {
+    this.assertBoundary();
+    this.phaseValue = 'transmission';
+  }
+
+  /** Drop everything buffered: the byte stream is being replaced (STARTTLS). */
+  reset(phase: ParserPhase): void {
+    this.queue.clear();
+    this.skipping = 0;
+    this.pendingOption = null;
+    this.pendingWrite = null;
+    this.phaseValue = phase;
+  }
+
+  /** The next complete message, or null when more bytes are needed. Throws ProtocolError on broken framing. */
+  next(): ClientMessage | null {
+    if (this.skipping > 0) {
+      this.skipping -= this.queue.skip(this.skipping);
+      if (this.skipping > 0) return null;
+    }
+    switch (this.phaseValue) {
+      case 'client-flags':
+        return this.nextClientFlags();
+      case 'options':
+        return this.nextOption();
+      case 'transmission':
+        return this.nextRequest();
+    }
+  }
+
+  private nextClientFlags(): ClientMessage | null {
+    if (this.queue.length < 4) return null;
+    const flags = this.queue.consume(4).readUInt32BE(0);
+    // The client flags are followed by options; the consumer decides whether to carry on.
+    this.phaseValue = 'options';
+    return { kind: 'client-flags', flags };
+  }
+
+  private nextOption(): ClientMessage | null {
+    let pending = this.pendingOption;
+    if (pending === null) {
+      if (this.queue.length < OPTION_HEADER_SIZE) return null;
+      const header = decodeOptionHeader(this.queue.consume(OPTION_HEADER_SIZE));
+      if (header.length > this.limits.maxOptionBytes) {
+        // Refuse before buffering: the data is dropped as it arrives.
+        this.skipping = header.length - this.queue.skip(header.length);
+        return { kind: 'option-too-big', option: header.option, length: header.length };
+      }
+      pending = { option: header.option, length: header.length };
+      this.pendingOption = pending;
+    }
+    if (this.queue.length < pending.length) return null;
+    this.pendingOption = null;
+    const data = pending.length === 0 ? EMPTY : this.queue.consume(pending.length);
+    return { kind: 'option', option: pending.option, data };
+  }
+
+  private nextRequest(): ClientMessage | null {
+    let pending = this.pendingWrite;
+    if (pending === null) {
+      if (this.queue.length < REQUEST_SIZE) return null;
+      const req = decodeRequest(this.queue.consume(REQUEST_SIZE));
+      if (req.type !== NBD_CMD.WRITE || req.length === 0) {
+        return { kind: 'request', ...req, payload: req.type === NBD_CMD.WRITE ? EMPTY : undefined, oversized: false };
+      }
+      if (req.length > this.limits.maxPayloadBytes) {
+        // "the server MAY initiate a hard disconnect if a payload length ... would be large
+        // enough to be deemed a denial of service attack"; below that, drain and refuse.
+        if (req.length > this.limits.maxDrainBytes) {
+          throw new ProtocolError('ERR_NBD_PAYLOAD_TOO_BIG', `write of ${req.length} bytes is beyond any acceptable payload`);
+        }
+        this.skipping = req.length - this.queue.skip(req.length);
+        return { kind: 'request', ...req, payload: undefined, oversized: true };
+      }
+      pending = { kind: 'request', ...req, payload: undefined, oversized: false };
+      this.pendingWrite = pending;
+    }
+    if (this.queue.length < pending.length) return null;
+    this.pendingWrite = null;
+    return { ...pending, payload: this.queue.consume(pending.length) };
+  }
+
+  private assertBoundary(): void {
+    if (this.skipping > 0 || this.pendingOption !== null || this.pendingWrite !== null) {
+      throw new ProtocolError('ERR_NBD_PHASE', 'phase change in the middle of a message');
+    }
+  }
+}
