@@ -34,7 +34,8 @@ export class OptionDataError extends ImgbdError {
   }
 }
 
-const utf8 = new TextDecoder('utf-8', { fatal: true });
+// ignoreBOM: a leading U+FEFF is part of the name, not a byte-order mark to drop.
+const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
 function decodeString(buf: Buffer, what: string): string {
   if (buf.length > NBD_MAX_STRING) throw new OptionDataError(`${what} is ${buf.length} bytes, over the 4096-byte limit`);
