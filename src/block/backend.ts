@@ -161,8 +161,8 @@ export class Backend implements BlockDevice {
     return null;
   }
 
-  private checkMutation(what: string, offset: number, length: number, fua: boolean | undefined): RequestError | null {
-    const e = this.checkRange(what, offset, length, 'ENOSPC');
+  private checkMutation(what: string, offset: number, length: number, fua: boolean, overErrno: NbdErrno): RequestError | null {
+    const e = this.checkRange(what, offset, length, overErrno);
     if (e) return e;
     if (!this.caps.writable) return reqError('EPERM', what, offset, length, 'the export is read-only');
     if (fua && !this.caps.fua) return reqError('EINVAL', what, offset, length, 'FUA is not supported');
@@ -183,7 +183,7 @@ export class Backend implements BlockDevice {
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const len = buf.length;
     const fua = opts?.fua === true;
-    const e = this.checkMutation('write', offset, len, fua);
+    const e = this.checkMutation('write', offset, len, fua, 'ENOSPC');
     if (e) return Promise.reject(e);
     if (len > this.sizes.maximum) return Promise.reject(reqError('EINVAL', 'write', offset, len, `longer than the maximum payload ${this.sizes.maximum}`));
     if (len === 0) return RESOLVED;
@@ -207,7 +207,7 @@ export class Backend implements BlockDevice {
 
   async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
     const fua = opts?.fua === true;
-    const e = this.checkMutation('trim', offset, length, fua);
+    const e = this.checkMutation('trim', offset, length, fua, 'EINVAL');
     if (e) throw e;
     if (!this.caps.trim) throw reqError('EINVAL', 'trim', offset, length, 'trim is not supported by this export');
     if (length === 0) return;
@@ -223,7 +223,7 @@ export class Backend implements BlockDevice {
     const fua = opts?.fua === true;
     const fast = opts?.fast === true;
     const mayTrim = opts?.mayTrim === true;
-    const e = this.checkMutation('write-zeroes', offset, length, fua);
+    const e = this.checkMutation('write-zeroes', offset, length, fua, 'ENOSPC');
     if (e) throw e;
     if (fast && !this.caps.fastZero) throw reqError('EINVAL', 'write-zeroes', offset, length, 'fast zero is not supported');
     if (length === 0) return;
