@@ -94,6 +94,7 @@ export class Backend implements BlockDevice {
   private readonly nativeFastZero: boolean;
   private readonly nativeExtents: boolean;
   private readonly nativeCache: boolean;
+  private readonly nativeDepth: boolean;
   private readonly nextFlush: boolean;
   private readonly zeroChunkBytes: number;
   private scratch: Buffer | undefined;
@@ -117,6 +118,7 @@ export class Backend implements BlockDevice {
     this.nativeFastZero = this.hasZero && c.zero && c.fastZero;
     this.nativeExtents = c.extents && typeof next.extents === 'function';
     this.nativeCache = c.cache && typeof next.cache === 'function';
+    this.nativeDepth = c.allocationDepth && typeof next.allocationDepth === 'function';
     const chunk = Math.min(ZERO_BUFFER_BYTES, sizes.maximum);
     this.zeroChunkBytes = chunk - (chunk % sizes.minimum);
     this.caps = Object.freeze({
@@ -262,8 +264,8 @@ export class Backend implements BlockDevice {
     const e = this.checkRange('allocation-depth', offset, length, 'EINVAL');
     if (e) throw e;
     if (length === 0) throw reqError('EINVAL', 'allocation-depth', offset, length, 'zero length');
-    if (typeof this.next.allocationDepth !== 'function' || !this.next.capabilities().allocationDepth) return [{ length, depth: 1 }];
-    return sanitizeDepths(await this.next.allocationDepth(offset, length), length);
+    if (!this.nativeDepth) return [{ length, depth: 1 }];
+    return sanitizeDepths(await this.next.allocationDepth!(offset, length), length);
   }
 
   async cache(offset: number, length: number): Promise<void> {

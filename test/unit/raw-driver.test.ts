@@ -262,3 +262,28 @@ test('block device (loop): size by BLKGETSIZE64, BLKZEROOUT, BLKDISCARD', async 
   expect.fill(0, 0, 32 * KiB + 100);
   assert.deepEqual(got, expect);
 });
+
+test('probed raw: zeroing inside the head cannot complete a magic ending in a zero byte', async (t) => {
+  const path = join(tempDir(t), 'disk.raw');
+  writeFileSyncHead(path, Buffer.from('QED\x01', 'latin1'));
+  const dev = await openRaw(path, { probedRaw: true });
+  t.after(() => dev.close());
+  await assert.rejects(dev.zero(3, 1), (e: unknown) => e instanceof RequestError && e.errno === 'EPERM');
+  await assert.rejects(dev.trim(3, 1), (e: unknown) => e instanceof RequestError && e.errno === 'EPERM');
+  const head = Buffer.alloc(4);
+  await dev.pread(head, 0);
+  assert.equal(head.toString('latin1'), 'QED\x01');
+  await dev.zero(0, 512);
+  await dev.pread(head, 0);
+  assert.deepEqual(head, Buffer.alloc(4));
+});
+
+function writeFileSyncHead(path: string, head: Buffer): void {
+  const fd = openSync(path, 'w');
+  try {
+    ftruncateSync(fd, 64 * KiB);
+    writeSync(fd, head, 0, head.length, 0);
+  } finally {
+    closeSync(fd);
+  }
+}

@@ -116,9 +116,23 @@ export class RawDevice implements BlockDevice {
     return this.file.datasync();
   }
 
+  /**
+   * Zeroing part of the head could complete a magic that ends in zero bytes ("QED\0"). The
+   * backend's 512-byte alignment makes any such request cover byte 0 (so no magic survives);
+   * this check keeps the driver safe when used without it.
+   */
+  private async guardHeadZeroing(offset: number, length: number): Promise<void> {
+    if (!this.guardHead || offset >= PROBE_HEAD_BYTES || offset === 0) return;
+    const head = Buffer.alloc(PROBE_HEAD_BYTES);
+    await this.file.pread(head, 0);
+    head.fill(0, offset, Math.min(offset + length, PROBE_HEAD_BYTES));
+    assertStaysRaw(head.subarray(0, Math.min(PROBE_HEAD_BYTES, this.sizeBytes)));
+  }
+
   async trim(offset: number, length: number): Promise<void> {
-    if (offset + length > this.sizeBytes) throw beyondEnd(offset, length, this.sizeBytes);
+    if (offset + length > this.sizeBytes) throw beyondEnd(offset, length, this.sizeBytes, 'EINVAL');
     if (length === 0) return;
+    await this.guardHeadZeroing(offset, length);
     try {
       if (this.file.isBlockDevice) {
         // Trim is advisory (nbd-proto.md: the server "MAY round offset up and length down"),
@@ -138,6 +152,7 @@ export class RawDevice implements BlockDevice {
   async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     if (offset + length > this.sizeBytes) throw beyondEnd(offset, length, this.sizeBytes);
     if (length === 0) return;
+    await this.guardHeadZeroing(offset, length);
     const fast = opts?.fast === true;
     const mayTrim = opts?.mayTrim === true;
     if (this.file.isBlockDevice ? await this.zeroBlockDevice(offset, length, mayTrim, fast) : await this.zeroFile(offset, length, mayTrim)) {
@@ -197,13 +212,13 @@ export class RawDevice implements BlockDevice {
 
   async extents(offset: number, length: number, opts?: ExtentsOptions): Promise<Extent[]> {
     const end = Math.min(offset + length, this.sizeBytes);
-    if (end <= offset) throw beyondEnd(offset, length, this.sizeBytes);
+    if (end <= offset) throw beyondEnd(offset, length, this.sizeBytes, 'EINVAL');
     if (!this.seekUnsupported && !this.file.isBlockDevice) {
       try {
         return seekExtents(this.fd, offset, end - offset, opts?.one === true);
       } catch (e) {
-        // EINVAL: this filesystem has no SEEK_DATA; everything is data.
-        if ((e as { code?: unknown }).code !== 'EINVAL') throw e;
+        // EINVAL (or ENOTSUP on some FUSE filesystems): no SEEK_DATA here; everything is data.
+        if ((e as { code?: unknown }).code !== 'EINVAL' && !isNotSupported(e)) throw e;
         this.seekUnsupported = true;
       }
     }
@@ -215,8 +230,8 @@ export class RawDevice implements BlockDevice {
   }
 }
 
-function beyondEnd(offset: number, length: number, sizeBytes: number): RequestError {
-  return new RequestError('ENOSPC', `request [${offset}, +${length}) is beyond the end of the image (${sizeBytes} bytes)`);
+function beyondEnd(offset: number, length: number, sizeBytes: number, errno: 'ENOSPC' | 'EINVAL' = 'ENOSPC'): RequestError {
+  return new RequestError(errno, `request [${offset}, +${length}) is beyond the end of the image (${sizeBytes} bytes)`);
 }
 
 function alignUp(v: number, a: number): number {
