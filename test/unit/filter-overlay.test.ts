@@ -152,7 +152,7 @@ test('concurrent writes and zeroes to disjoint bytes sharing granules all land',
         fc.boolean().map((mayTrim) => ({ kind: 'zero' as const, ...p, mayTrim })),
       )));
     })
-    .map((ops) => ops.filter((o): o is Op => o !== null));
+    .map((ops) => (ops as Array<Op | null>).filter((o): o is Op => o !== null));
   await fc.assert(
     fc.asyncProperty(fc.constantFrom(512, 4096), batch, batch, async (granule, first, second) => {
       const original = basePattern(size);
