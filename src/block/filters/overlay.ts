@@ -95,12 +95,13 @@ class OverlayDevice implements BlockDevice {
 
   // --- bitmap -------------------------------------------------------------------------------
 
+  // Granule indexes can exceed 2^32 on huge devices, so no 32-bit shifts on them.
   private isSet(g: number): boolean {
-    return (this.bitmap[g >>> 3]! & (1 << (g & 7))) !== 0;
+    return (this.bitmap[Math.floor(g / 8)]! & (1 << g % 8)) !== 0;
   }
 
   private mark(firstG: number, endG: number): void {
-    for (let g = firstG; g < endG; g++) this.bitmap[g >>> 3]! |= 1 << (g & 7);
+    for (let g = firstG; g < endG; g++) this.bitmap[Math.floor(g / 8)]! |= 1 << g % 8;
     if (endG > firstG) this.anySet = true;
   }
 
