@@ -25,9 +25,13 @@ const MAX_ASYNC_IN_FLIGHT = 64;
 type AsyncFn = { async: (...args: unknown[]) => void };
 type SyncFn = (...args: unknown[]) => number;
 
+/** linux/fadvise.h */
+export const POSIX_FADV_WILLNEED = 3;
+
 interface Bindings {
   lseek: SyncFn;
   fallocate: AsyncFn;
+  fadvise: AsyncFn;
   ioctlPtr: SyncFn & AsyncFn;
 }
 
@@ -44,6 +48,7 @@ class Libc {
     this.b = {
       lseek: lib.func('int64_t lseek(int fd, int64_t offset, int whence)') as unknown as SyncFn,
       fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as AsyncFn,
+      fadvise: lib.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)') as unknown as AsyncFn,
       ioctlPtr: lib.func('int ioctl(int fd, unsigned long request, void *arg)') as unknown as SyncFn & AsyncFn,
     };
   }
@@ -60,8 +65,12 @@ class Libc {
     return r;
   }
 
-  /** Run `fn.async(...args)` off the main thread; resolves with the return value, rejects with errno. */
-  async callAsync(fn: AsyncFn, name: string, args: unknown[]): Promise<number> {
+  /**
+   * Run `fn.async(...args)` off the main thread; resolves with the return value, rejects with
+   * errno when it is negative (or, with `returnsErrno`, with the returned error number itself,
+   * as posix_fadvise reports errors).
+   */
+  async callAsync(fn: AsyncFn, name: string, args: unknown[], returnsErrno = false): Promise<number> {
     if (this.inFlight >= MAX_ASYNC_IN_FLIGHT) await new Promise<void>((resolve) => this.waiting.push(resolve));
     this.inFlight++;
     try {
@@ -69,6 +78,7 @@ class Libc {
         fn.async(...args, (err: unknown, r: number) => {
           if (err) reject(err);
           // koffi restores the worker thread's errno around this callback.
+          else if (returnsErrno && r > 0) reject(new SyscallError(name, r));
           else if (r < 0) reject(new SyscallError(name, koffi.errno()));
           else resolve(r);
         });
@@ -117,6 +127,12 @@ function seekOrNull(fd: number, offset: number, whence: number): number | null {
 export async function fallocate(fd: number, mode: number, offset: number, length: number): Promise<void> {
   const l = libc();
   await l.callAsync(l.bindings.fallocate, 'fallocate', [fd, mode, offset, length]);
+}
+
+/** posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED) on the thread pool: start reading ahead. */
+export async function adviseWillNeed(fd: number, offset: number, length: number): Promise<void> {
+  const l = libc();
+  await l.callAsync(l.bindings.fadvise, 'posix_fadvise', [fd, offset, length, POSIX_FADV_WILLNEED], true);
 }
 
 /** BLKGETSIZE64: size of a block device in bytes. */

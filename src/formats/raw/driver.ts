@@ -17,6 +17,7 @@ import { RequestError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
 import { isNotSupported } from '../../sys/errno.js';
 import {
+  adviseWillNeed,
   blockDeviceDiscard,
   blockDeviceLogicalSectorSize,
   blockDevicePhysicalSectorSize,
@@ -71,7 +72,8 @@ export class RawDevice implements BlockDevice {
       fastZero: writable,
       extents: !file.isBlockDevice,
       allocationDepth: false,
-      cache: false,
+      // NBD_CMD_CACHE becomes posix_fadvise(WILLNEED): the kernel reads ahead into the page cache.
+      cache: true,
       multiConn: true,
       rotational: false,
     };
@@ -223,6 +225,10 @@ export class RawDevice implements BlockDevice {
       }
     }
     return [{ length: end - offset, flags: 0 }];
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return adviseWillNeed(this.fd, offset, length);
   }
 
   close(): Promise<void> {
