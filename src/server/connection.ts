@@ -1,0 +1,612 @@
+// One client connection: the socket's lifecycle, handshake then transmission, flow control
+// and timers. Requests run concurrently; replies go out as they complete.
+//
+// Memory per connection is bounded: reading pauses while in-flight requests or bytes
+// (request payloads, read buffers, replies not yet taken by the kernel) are over the
+// limits, and resumes as replies drain. A client that stops reading its replies makes no
+// progress on the socket; after `stallTimeoutMs` without progress it is dropped. A handshake
+// that has not reached transmission within `handshakeTimeoutMs` is dropped (CVE-2024-7409:
+// a stalled client must not pin the server, nor block its shutdown).
+
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
+import { EXTENT_ZERO, type WriteOptions, type ZeroOptions } from '../block/device.js';
+import { ProtocolError, toNbdErrno } from '../errors.js';
+import {
+  NBD_CMD,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_FLAG_FIXED_NEWSTYLE,
+  NBD_FLAG_NO_ZEROES,
+} from '../protocol/constants.js';
+import { encodeServerGreeting } from '../protocol/handshake.js';
+import { RequestParser, type ClientMessage, type RequestMessage } from '../protocol/request-parser.js';
+import type { BlockDescriptor } from '../protocol/transmission.js';
+import { REPLY_HEADROOM, type BufferPool } from './buffer-pool.js';
+import { connectionFlags, type ExportTable, type ServedExport } from './exports.js';
+import type { Logger } from './logger.js';
+import type { MetaContext } from './meta-context.js';
+import { Negotiator, type NegotiationAction, type TlsMode } from './negotiation.js';
+import { ReplyWriter, type ReadSegment } from './replies.js';
+import { commandName, validateRequest, type ValidationContext } from './validate.js';
+
+export interface ConnectionLimits {
+  /** Drop a client that has not entered transmission after this long. */
+  readonly handshakeTimeoutMs: number;
+  /** Drop a client whose socket makes no write progress for this long while replies wait. */
+  readonly stallTimeoutMs: number;
+  readonly maxInFlightRequests: number;
+  /** Payloads, read buffers and unsent replies; reading pauses above this. */
+  readonly maxInFlightBytes: number;
+  readonly maxOptionBytes: number;
+  /** Largest read/write payload accepted and advertised. */
+  readonly maxPayloadBytes: number;
+  /** Largest oversized write payload drained (refused with EINVAL) rather than disconnecting. */
+  readonly maxDrainBytes: number;
+  /** Structured reads at least this long ask the device for holes and send OFFSET_HOLE chunks. */
+  readonly sparseReadMinBytes: number;
+}
+
+export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = {
+  handshakeTimeoutMs: 10_000,
+  stallTimeoutMs: 60_000,
+  maxInFlightRequests: 256,
+  maxInFlightBytes: 128 * 1024 * 1024,
+  maxOptionBytes: 64 * 1024,
+  maxPayloadBytes: 32 * 1024 * 1024,
+  maxDrainBytes: 64 * 1024 * 1024,
+  sparseReadMinBytes: 64 * 1024,
+};
+
+/** What a connection needs from its server. */
+export interface ConnectionHost {
+  readonly exports: ExportTable;
+  readonly logger: Logger;
+  readonly pool: BufferPool;
+  readonly limits: ConnectionLimits;
+  readonly tlsMode: TlsMode;
+  /** Wrap the raw socket in TLS after NBD_REP_ACK to NBD_OPT_STARTTLS. */
+  upgradeTls(raw: Duplex): TLSSocket;
+  onClosed(conn: Connection): void;
+}
+
+type Phase = 'handshake' | 'upgrading' | 'transmission' | 'closing' | 'closed';
+
+const FUA: WriteOptions = Object.freeze({ fua: true });
+const ZERO_OPTS: readonly ZeroOptions[] = Array.from({ length: 8 }, (_, i) =>
+  Object.freeze({ mayTrim: (i & 1) !== 0, fast: (i & 2) !== 0, fua: (i & 4) !== 0 }),
+);
+/** At most this many descriptors per block status chunk (the spec's ceiling is 2^20). */
+const MAX_DESCRIPTORS = 1 << 16;
+/** Replies queued during the handshake above which the client is considered not to read. */
+const HANDSHAKE_BACKLOG_BYTES = 1024 * 1024;
+
+let nextId = 1;
+
+export class Connection {
+  readonly id = nextId++;
+  readonly peer: string;
+  /** Resolves when the socket has closed. */
+  readonly closed: Promise<void>;
+  private resolveClosed!: () => void;
+  private socket: Duplex;
+  private readonly host: ConnectionHost;
+  private readonly limits: ConnectionLimits;
+  private readonly parser: RequestParser;
+  private readonly replies: ReplyWriter;
+  private readonly negotiator: Negotiator | null;
+  private phase: Phase = 'handshake';
+  private exp: ServedExport | null = null;
+  private structured = false;
+  private contexts: readonly MetaContext[] = [];
+  private vctx: ValidationContext = { flags: 0, maxPayloadBytes: 0, metaContexts: 0 };
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private pumping = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  private stallTimer: NodeJS.Timeout | undefined;
+  private stallMark = -1;
+  private closeReason = '';
+
+  /**
+   * Start on `socket`: with `transmission`, skip the handshake (the kernel client talks
+   * transmission only) and serve that export at once.
+   */
+  constructor(host: ConnectionHost, socket: Duplex, transmission?: { exp: ServedExport; structured: boolean }) {
+    this.host = host;
+    this.limits = host.limits;
+    this.socket = socket;
+    const s = socket as Partial<Socket>;
+    this.peer = s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort}` : 'unix';
+    this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
+    this.parser = new RequestParser(transmission ? 'transmission' : 'client-flags', {
+      maxOptionBytes: this.limits.maxOptionBytes,
+      maxPayloadBytes: this.limits.maxPayloadBytes,
+      maxDrainBytes: this.limits.maxDrainBytes,
+    });
+    this.replies = new ReplyWriter(socket, host.pool);
+    this.attach(socket);
+    if (transmission) {
+      this.negotiator = null;
+      this.enterTransmission(transmission.exp, transmission.structured, [], connectionFlags(transmission.exp, transmission.structured));
+    } else {
+      this.negotiator = new Negotiator(host.exports, host.tlsMode, this.sendRaw);
+      this.handshakeTimer = setTimeout(this.onHandshakeTimeout, this.limits.handshakeTimeoutMs);
+      this.handshakeTimer.unref();
+      socket.write(encodeServerGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+    }
+  }
+
+  get inTransmission(): boolean {
+    return this.phase === 'transmission';
+  }
+
+  // ---- socket plumbing --------------------------------------------------------------------
+
+  private attach(socket: Duplex): void {
+    socket.on('data', this.onData);
+    socket.on('drain', this.onDrain);
+    socket.on('end', this.onEnd);
+    socket.on('error', this.onError);
+    socket.on('close', this.onClose);
+    (socket as Partial<Socket>).setNoDelay?.(true);
+  }
+
+  private detach(socket: Duplex): void {
+    socket.off('data', this.onData);
+    socket.off('drain', this.onDrain);
+    socket.off('end', this.onEnd);
+    socket.off('error', this.onError);
+    socket.off('close', this.onClose);
+  }
+
+  private readonly sendRaw = (buf: Buffer): void => {
+    this.socket.write(buf);
+  };
+
+  private readonly onData = (chunk: Buffer): void => {
+    this.parser.push(chunk);
+    this.pump();
+  };
+
+  private readonly onDrain = (): void => {
+    this.pump();
+  };
+
+  private readonly onEnd = (): void => {
+    // The client will send nothing more; finish what is in flight, then close our side.
+    if (this.phase === 'handshake' || this.phase === 'upgrading') {
+      this.destroy('client closed during the handshake', false);
+      return;
+    }
+    this.beginClose('client closed its side');
+  };
+
+  private readonly onError = (err: Error): void => {
+    // 'close' follows; the error itself is only worth a line.
+    if (this.closeReason === '') this.closeReason = `socket error: ${err.message}`;
+  };
+
+  private readonly onClose = (): void => {
+    if (this.phase === 'closed') return;
+    this.phase = 'closed';
+    this.clearTimers();
+    this.parser.reset('transmission');
+    this.host.onClosed(this);
+    this.resolveClosed();
+  };
+
+  private readonly onHandshakeTimeout = (): void => {
+    if (this.phase === 'handshake' || this.phase === 'upgrading') this.destroy(`handshake not finished within ${this.limits.handshakeTimeoutMs} ms`, true);
+  };
+
+  private readonly onStallCheck = (): void => {
+    this.stallTimer = undefined;
+    const backlog = this.socket.writableLength;
+    if (backlog === 0 || (this.phase !== 'transmission' && this.phase !== 'closing' && this.phase !== 'handshake')) return;
+    if (this.stallMark >= 0 && backlog >= this.stallMark) {
+      this.destroy(`client has not read its replies for ${this.limits.stallTimeoutMs} ms`, true);
+      return;
+    }
+    this.stallMark = backlog;
+    this.armStallTimer();
+  };
+
+  private armStallTimer(): void {
+    if (this.stallTimer !== undefined) return;
+    this.stallTimer = setTimeout(this.onStallCheck, this.limits.stallTimeoutMs);
+    this.stallTimer.unref();
+  }
+
+  private clearTimers(): void {
+    if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
+    if (this.stallTimer !== undefined) clearTimeout(this.stallTimer);
+    this.handshakeTimer = undefined;
+    this.stallTimer = undefined;
+  }
+
+  /** Hard disconnect: one log line, the socket goes now. */
+  destroy(reason: string, warn: boolean): void {
+    if (this.phase === 'closed') return;
+    if (warn) this.host.logger.warn(`connection ${this.id} (${this.peer}): ${reason}`);
+    this.closeReason ||= reason;
+    this.phase = 'closing';
+    this.clearTimers();
+    this.socket.destroy();
+  }
+
+  /**
+   * Soft close: no more requests are read; once every in-flight request has replied the
+   * socket is ended. A client that never reads the replies is cut off by the stall timer.
+   */
+  beginClose(reason: string): void {
+    if (this.phase === 'closed') return;
+    if (this.phase === 'handshake' || this.phase === 'upgrading') {
+      this.destroy(reason, false);
+      return;
+    }
+    if (this.phase !== 'closing') {
+      this.phase = 'closing';
+      this.closeReason ||= reason;
+    }
+    this.setPaused(true);
+    this.maybeFinishClose();
+  }
+
+  private maybeFinishClose(): void {
+    if (this.phase !== 'closing' || this.inFlight > 0 || this.socket.writableEnded) return;
+    const socket = this.socket;
+    // Nothing more will be read: once the replies are out, the socket can go entirely.
+    socket.once('finish', () => socket.destroy());
+    socket.end();
+    if (socket.writableLength > 0) {
+      this.stallMark = -1;
+      this.armStallTimer();
+    }
+  }
+
+  private setPaused(paused: boolean): void {
+    if (paused === this.paused) return;
+    this.paused = paused;
+    if (paused) this.socket.pause();
+    else this.socket.resume();
+  }
+
+  // ---- the message pump -------------------------------------------------------------------
+
+  private blocked(): boolean {
+    switch (this.phase) {
+      case 'handshake':
+        return this.socket.writableLength > HANDSHAKE_BACKLOG_BYTES;
+      case 'transmission':
+        return this.inFlight >= this.limits.maxInFlightRequests || this.inFlightBytes + this.socket.writableLength > this.limits.maxInFlightBytes;
+      default:
+        return true;
+    }
+  }
+
+  private pump(): void {
+    // Re-entry (a reply written synchronously emitting 'drain') must not reorder messages.
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      while (!this.blocked()) {
+        let m: ClientMessage | null;
+        try {
+          m = this.parser.next();
+        } catch (e) {
+          this.destroy(e instanceof ProtocolError ? e.message : String(e), true);
+          return;
+        }
+        if (m === null) break;
+        if (this.phase === 'handshake') this.handleHandshake(m);
+        else this.handleRequest(m as RequestMessage);
+      }
+    } finally {
+      this.pumping = false;
+    }
+    this.updateFlow();
+  }
+
+  private updateFlow(): void {
+    if (this.phase !== 'handshake' && this.phase !== 'transmission') return;
+    const blocked = this.blocked();
+    this.setPaused(blocked);
+    if (blocked && this.socket.writableLength > 0) {
+      this.stallMark = -1;
+      this.armStallTimer();
+    }
+  }
+
+  // ---- handshake --------------------------------------------------------------------------
+
+  private handleHandshake(m: ClientMessage): void {
+    const neg = this.negotiator!;
+    let action: NegotiationAction;
+    switch (m.kind) {
+      case 'client-flags': {
+        const bad = neg.clientFlags(m.flags);
+        if (bad !== null) this.destroy(bad, true);
+        return;
+      }
+      case 'option':
+        action = neg.handle({ option: m.option, data: m.data, length: m.data.length });
+        break;
+      case 'option-too-big':
+        action = neg.handle({ option: m.option, data: undefined, length: m.length });
+        break;
+      default:
+        this.destroy('request during the handshake', true);
+        return;
+    }
+    switch (action.kind) {
+      case 'continue':
+        return;
+      case 'abort':
+        this.phase = 'closing';
+        this.maybeFinishClose();
+        return;
+      case 'disconnect':
+        this.destroy(action.reason, true);
+        return;
+      case 'starttls':
+        this.startTls();
+        return;
+      case 'transmission':
+        this.enterTransmission(action.exp, action.structured, action.contexts, action.flags);
+        return;
+    }
+  }
+
+  private startTls(): void {
+    // The client MUST wait for our ACK before starting TLS: anything already here is garbage.
+    if (this.parser.buffered > 0) {
+      this.destroy('data after NBD_OPT_STARTTLS before the TLS handshake', true);
+      return;
+    }
+    this.phase = 'upgrading';
+    const raw = this.socket;
+    this.detach(raw);
+    // Errors on the raw stream surface on the TLS socket; keep the raw one from throwing.
+    raw.on('error', () => {});
+    let secure: TLSSocket;
+    try {
+      secure = this.host.upgradeTls(raw);
+    } catch (e) {
+      this.socket = raw;
+      this.attach(raw);
+      this.destroy(`TLS setup failed: ${(e as Error).message}`, true);
+      return;
+    }
+    this.socket = secure;
+    this.replies.retarget(secure);
+    this.paused = false;
+    this.attach(secure);
+    secure.once('secure', () => {
+      if (this.phase !== 'upgrading') return;
+      this.phase = 'handshake';
+      this.negotiator!.tlsStarted();
+      this.parser.reset('options');
+      this.pump();
+    });
+  }
+
+  private enterTransmission(exp: ServedExport, structured: boolean, contexts: readonly MetaContext[], flags: number): void {
+    if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = undefined;
+    this.phase = 'transmission';
+    this.exp = exp;
+    this.structured = structured;
+    this.contexts = contexts;
+    this.vctx = { flags, maxPayloadBytes: exp.sizes.maximum, metaContexts: contexts.length };
+    this.parser.enterTransmission();
+  }
+
+  // ---- transmission -----------------------------------------------------------------------
+
+  private handleRequest(m: RequestMessage): void {
+    const { type, flags, cookie, offset, length } = m;
+    if (type === NBD_CMD.DISC) {
+      // "The server MUST handle all outstanding requests ... and close the TCP session."
+      this.beginClose('client disconnected');
+      return;
+    }
+    if (m.oversized) {
+      this.replies.error(cookie, 'EINVAL', `write of ${length} bytes exceeds the maximum payload ${this.vctx.maxPayloadBytes}`, this.structured);
+      return;
+    }
+    const bad = validateRequest(type, flags, offset, length, this.vctx);
+    if (bad !== null) {
+      this.replies.error(cookie, bad.errno, bad.message, this.structured);
+      return;
+    }
+    const backend = this.exp!.backend;
+    const fua = (flags & NBD_CMD_FLAG_FUA) !== 0 ? FUA : undefined;
+    switch (type) {
+      case NBD_CMD.READ:
+        this.start(length);
+        if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && length >= this.limits.sparseReadMinBytes) {
+          void this.runSparseRead(cookie, offset, length);
+        } else {
+          void this.runRead(cookie, offset, length);
+        }
+        return;
+      case NBD_CMD.WRITE:
+        this.start(length);
+        void this.runSimple(cookie, type, length, backend.pwrite(m.payload!, offset, fua));
+        return;
+      case NBD_CMD.FLUSH:
+        this.start(0);
+        void this.runSimple(cookie, type, 0, backend.flush());
+        return;
+      case NBD_CMD.TRIM:
+        this.start(0);
+        void this.runSimple(cookie, type, 0, backend.trim(offset, length, fua));
+        return;
+      case NBD_CMD.CACHE:
+        this.start(0);
+        void this.runSimple(cookie, type, 0, backend.cache(offset, length));
+        return;
+      case NBD_CMD.WRITE_ZEROES: {
+        const i = ((flags & NBD_CMD_FLAG_NO_HOLE) === 0 ? 1 : 0) | ((flags & NBD_CMD_FLAG_FAST_ZERO) !== 0 ? 2 : 0) | (fua ? 4 : 0);
+        this.start(0);
+        void this.runSimple(cookie, type, 0, backend.zero(offset, length, ZERO_OPTS[i]));
+        return;
+      }
+      case NBD_CMD.BLOCK_STATUS:
+        this.start(0);
+        void this.runBlockStatus(cookie, offset, length, (flags & NBD_CMD_FLAG_REQ_ONE) !== 0);
+        return;
+    }
+  }
+
+  private start(bytes: number): void {
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+  }
+
+  private finish(bytes: number): void {
+    this.inFlight--;
+    this.inFlightBytes -= bytes;
+    if (this.phase === 'closing') this.maybeFinishClose();
+    else if (this.paused || this.parser.buffered > 0) this.pump();
+  }
+
+  private get writable(): boolean {
+    return this.phase === 'transmission' || this.phase === 'closing';
+  }
+
+  private failed(cookie: bigint, type: number, err: unknown): void {
+    if (!this.writable) return;
+    const errno = toNbdErrno(err);
+    const message = err instanceof Error ? err.message : String(err);
+    if (errno === 'EIO') this.host.logger.error(`connection ${this.id}: ${commandName(type)}: ${message}`);
+    this.replies.error(cookie, errno, message, this.structured);
+  }
+
+  private async runSimple(cookie: bigint, type: number, bytes: number, op: Promise<void>): Promise<void> {
+    try {
+      await op;
+      if (this.writable) this.replies.simpleOk(cookie);
+    } catch (e) {
+      this.failed(cookie, type, e);
+    } finally {
+      this.finish(bytes);
+    }
+  }
+
+  private async runRead(cookie: bigint, offset: number, length: number): Promise<void> {
+    const pool = this.host.pool;
+    const buf = pool.acquire(length);
+    try {
+      await this.exp!.backend.pread(buf.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length), offset);
+      if (this.writable) this.replies.readData(cookie, offset, length, buf, this.structured);
+      else pool.release(buf);
+    } catch (e) {
+      pool.release(buf);
+      this.failed(cookie, NBD_CMD.READ, e);
+    } finally {
+      this.finish(length);
+    }
+  }
+
+  /** A structured read that reports the device's zero extents as OFFSET_HOLE chunks. */
+  private async runSparseRead(cookie: bigint, offset: number, length: number): Promise<void> {
+    const backend = this.exp!.backend;
+    const pool = this.host.pool;
+    let buf: Buffer | undefined;
+    try {
+      const segments = await this.readSegments(offset, length);
+      buf = pool.acquire(length);
+      const b = buf;
+      if (segments.length === 1 && !segments[0]!.hole) {
+        await backend.pread(b.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length), offset);
+        buf = undefined;
+        if (this.writable) this.replies.readData(cookie, offset, length, b, true);
+        else pool.release(b);
+        return;
+      }
+      const reads: Promise<void>[] = [];
+      for (const s of segments) {
+        if (s.hole) continue;
+        const at = REPLY_HEADROOM + (s.offset - offset);
+        reads.push(backend.pread(b.subarray(at, at + s.length), s.offset));
+      }
+      await Promise.all(reads);
+      buf = undefined;
+      if (this.writable) this.replies.readSparse(cookie, offset, segments, b);
+      else pool.release(b);
+    } catch (e) {
+      if (buf !== undefined) pool.release(buf);
+      this.failed(cookie, NBD_CMD.READ, e);
+    } finally {
+      this.finish(length);
+    }
+  }
+
+  /** Data and zero segments covering [offset, offset+length); extents failing means all data. */
+  private async readSegments(offset: number, length: number): Promise<ReadSegment[]> {
+    const backend = this.exp!.backend;
+    if (length === 0) return [{ offset, length, hole: false }];
+    const extents = await backend.extents(offset, length);
+    const out: ReadSegment[] = [];
+    let pos = offset;
+    const end = offset + length;
+    for (const x of extents) {
+      if (pos >= end) break;
+      const n = Math.min(x.length, end - pos);
+      const hole = (x.flags & EXTENT_ZERO) !== 0;
+      const prev = out[out.length - 1];
+      if (prev !== undefined && prev.hole === hole) out[out.length - 1] = { offset: prev.offset, length: prev.length + n, hole };
+      else out.push({ offset: pos, length: n, hole });
+      pos += n;
+    }
+    if (pos < end) {
+      const prev = out[out.length - 1];
+      if (prev !== undefined && !prev.hole) out[out.length - 1] = { offset: prev.offset, length: prev.length + end - pos, hole: false };
+      else out.push({ offset: pos, length: end - pos, hole: false });
+    }
+    return out;
+  }
+
+  private async runBlockStatus(cookie: bigint, offset: number, length: number, one: boolean): Promise<void> {
+    const backend = this.exp!.backend;
+    try {
+      const chunks: { id: number; descriptors: BlockDescriptor[] }[] = [];
+      for (const ctx of this.contexts) {
+        const descriptors: BlockDescriptor[] =
+          ctx.kind === 'allocation'
+            ? mergeDescriptors(await backend.extents(offset, length, one ? { one: true } : undefined), one)
+            : mergeDescriptors((await backend.allocationDepth(offset, length)).map((d) => ({ length: d.length, flags: d.depth })), one);
+        chunks.push({ id: ctx.id, descriptors });
+      }
+      if (this.writable) this.replies.blockStatus(cookie, chunks);
+    } catch (e) {
+      this.failed(cookie, NBD_CMD.BLOCK_STATUS, e);
+    } finally {
+      this.finish(0);
+    }
+  }
+}
+
+/**
+ * Merge neighbours with equal flags ("The server SHOULD use different status values between
+ * consecutive descriptors where feasible") and bound the count; REQ_ONE keeps only the first.
+ */
+function mergeDescriptors(extents: readonly { length: number; flags: number }[], one: boolean): BlockDescriptor[] {
+  const out: { length: number; flags: number }[] = [];
+  for (const x of extents) {
+    const last = out[out.length - 1];
+    // Merging must not overflow the 32-bit descriptor length.
+    if (last !== undefined && last.flags === x.flags && last.length + x.length <= 0xffffffff) last.length += x.length;
+    else if (out.length < MAX_DESCRIPTORS) out.push({ length: x.length, flags: x.flags });
+    else break;
+    if (one) break;
+  }
+  return out;
+}

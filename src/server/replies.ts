@@ -1,0 +1,159 @@
+// Transmission replies onto a socket (nbd-proto.md "Simple reply message", "Structured reply
+// chunk message"). Headers are small buffers written in front of the payload, never
+// concatenated with it; a read reply is one pooled buffer whose headroom holds the header.
+// Pooled buffers go back to the pool from one bound write callback: a stream calls write
+// callbacks in order, so a FIFO of buffers pairs each callback with its buffer without a
+// closure per reply.
+
+import type { Writable } from 'node:stream';
+import { NBD_ERRNO, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE, SIMPLE_REPLY_SIZE, STRUCTURED_REPLY_HEADER_SIZE } from '../protocol/constants.js';
+import { blockStatusPayloadSize, encodeBlockStatus, encodeChunkHeader, encodeErrorChunk, encodeOffsetHole, encodeSimpleReply, errorChunkSize, OFFSET_DATA_PREFIX, OFFSET_HOLE_SIZE, type BlockDescriptor } from '../protocol/transmission.js';
+import { writeU64 } from '../util/u64.js';
+import type { NbdErrno } from '../errors.js';
+import { REPLY_HEADROOM, type BufferPool } from './buffer-pool.js';
+
+const MAX_MESSAGE_BYTES = 1024;
+const DATA_PREFIX = STRUCTURED_REPLY_HEADER_SIZE + OFFSET_DATA_PREFIX;
+
+/** A segment of a sparse read: data read into the buffer, or a hole reported as zeros. */
+export interface ReadSegment {
+  readonly offset: number;
+  readonly length: number;
+  readonly hole: boolean;
+}
+
+export class ReplyWriter {
+  private out: Writable;
+  private readonly pool: BufferPool;
+  private readonly pending: Buffer[] = [];
+  private pendingHead = 0;
+
+  constructor(out: Writable, pool: BufferPool) {
+    this.out = out;
+    this.pool = pool;
+  }
+
+  /** Replies go to `out` from now on (after a STARTTLS upgrade). */
+  retarget(out: Writable): void {
+    this.out = out;
+  }
+
+  private readonly onWritten = (): void => {
+    const b = this.pending[this.pendingHead];
+    if (b === undefined) return;
+    this.pending[this.pendingHead++] = undefined as unknown as Buffer;
+    if (this.pendingHead > 1024 && this.pendingHead * 2 > this.pending.length) {
+      this.pending.splice(0, this.pendingHead);
+      this.pendingHead = 0;
+    }
+    this.pool.release(b);
+  };
+
+  /** Write `chunk` and give `pooled` back to the pool once it has been written. */
+  private writePooled(chunk: Buffer, pooled: Buffer): void {
+    this.pending.push(pooled);
+    this.out.write(chunk, this.onWritten);
+  }
+
+  simpleOk(cookie: bigint): void {
+    const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
+    encodeSimpleReply(b, 0, 0, cookie);
+    this.out.write(b);
+  }
+
+  /** An error reply: a structured ERROR chunk with a message when negotiated, else a simple reply. */
+  error(cookie: bigint, errno: NbdErrno, message: string, structured: boolean): void {
+    const value = NBD_ERRNO[errno];
+    if (!structured) {
+      const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
+      encodeSimpleReply(b, 0, value, cookie);
+      this.out.write(b);
+      return;
+    }
+    let msg = Buffer.from(message, 'utf8');
+    if (msg.length > MAX_MESSAGE_BYTES) msg = msg.subarray(0, MAX_MESSAGE_BYTES);
+    const len = errorChunkSize(msg, false);
+    const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + len);
+    encodeChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.ERROR, cookie, len);
+    encodeErrorChunk(b, STRUCTURED_REPLY_HEADER_SIZE, value, msg);
+    this.out.write(b);
+  }
+
+  /** A final NBD_REPLY_TYPE_NONE chunk. */
+  structuredDone(cookie: bigint): void {
+    const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE);
+    encodeChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie, 0);
+    this.out.write(b);
+  }
+
+  /**
+   * A read whose data sits at REPLY_HEADROOM in `pooled`: one buffer on the wire, as a simple
+   * reply or a single OFFSET_DATA chunk marked DONE.
+   */
+  readData(cookie: bigint, offset: number, length: number, pooled: Buffer, structured: boolean): void {
+    if (!structured) {
+      const start = REPLY_HEADROOM - SIMPLE_REPLY_SIZE;
+      encodeSimpleReply(pooled, start, 0, cookie);
+      this.writePooled(pooled.subarray(start, REPLY_HEADROOM + length), pooled);
+      return;
+    }
+    if (length === 0) {
+      // OFFSET_DATA must describe at least one byte.
+      this.pool.release(pooled);
+      this.structuredDone(cookie);
+      return;
+    }
+    const start = REPLY_HEADROOM - DATA_PREFIX;
+    encodeChunkHeader(pooled, start, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.OFFSET_DATA, cookie, OFFSET_DATA_PREFIX + length);
+    writeU64(pooled, offset, start + STRUCTURED_REPLY_HEADER_SIZE);
+    this.writePooled(pooled.subarray(start, REPLY_HEADROOM + length), pooled);
+  }
+
+  /**
+   * A sparse read as OFFSET_DATA / OFFSET_HOLE chunks in offset order, the last one DONE.
+   * Data for segment s sits at REPLY_HEADROOM + (s.offset - base) in `pooled`.
+   */
+  readSparse(cookie: bigint, base: number, segments: readonly ReadSegment[], pooled: Buffer): void {
+    const out = this.out;
+    out.cork();
+    const last = segments.length - 1;
+    let lastData = -1;
+    for (let i = 0; i <= last; i++) if (!segments[i]!.hole) lastData = i;
+    if (lastData < 0) this.pool.release(pooled);
+    for (let i = 0; i <= last; i++) {
+      const s = segments[i]!;
+      const flags = i === last ? NBD_REPLY_FLAG_DONE : 0;
+      if (s.hole) {
+        const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + OFFSET_HOLE_SIZE);
+        encodeChunkHeader(b, 0, flags, NBD_REPLY_TYPE.OFFSET_HOLE, cookie, OFFSET_HOLE_SIZE);
+        encodeOffsetHole(b, STRUCTURED_REPLY_HEADER_SIZE, s.offset, s.length);
+        out.write(b);
+      } else {
+        const h = Buffer.allocUnsafe(DATA_PREFIX);
+        encodeChunkHeader(h, 0, flags, NBD_REPLY_TYPE.OFFSET_DATA, cookie, OFFSET_DATA_PREFIX + s.length);
+        writeU64(h, s.offset, STRUCTURED_REPLY_HEADER_SIZE);
+        out.write(h);
+        const at = REPLY_HEADROOM + (s.offset - base);
+        const view = pooled.subarray(at, at + s.length);
+        // The buffer goes back once the last view into it has been written.
+        if (i === lastData) this.writePooled(view, pooled);
+        else out.write(view);
+      }
+    }
+    out.uncork();
+  }
+
+  /** One BLOCK_STATUS chunk per context; the last is DONE. */
+  blockStatus(cookie: bigint, chunks: readonly { id: number; descriptors: readonly BlockDescriptor[] }[]): void {
+    let total = 0;
+    for (const c of chunks) total += STRUCTURED_REPLY_HEADER_SIZE + blockStatusPayloadSize(c.descriptors.length);
+    const b = Buffer.allocUnsafe(total);
+    let pos = 0;
+    chunks.forEach((c, i) => {
+      const flags = i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      pos = encodeChunkHeader(b, pos, flags, NBD_REPLY_TYPE.BLOCK_STATUS, cookie, blockStatusPayloadSize(c.descriptors.length));
+      pos = encodeBlockStatus(b, pos, c.id, c.descriptors);
+    });
+    this.out.write(b);
+  }
+}

@@ -1,0 +1,158 @@
+// The NBD server: named exports served over any number of listeners, fixed newstyle with
+// NO_ZEROES (nbd-proto.md), optional TLS. It owns the connections, qemu-nbd's `--shared`
+// limit and `--persistent` behaviour, and a graceful close(). Listening sockets are set up
+// in listen.ts; the CLI decides what to do with the 'idle' and 'close' events.
+//
+// Events:
+//   'connection' (id, peer)   a client was accepted
+//   'idle'                    the last client went away (qemu-nbd exits here unless --persistent)
+//   'close'                   close() finished: listeners closed, clients gone, exports flushed
+
+import { EventEmitter } from 'node:events';
+import type { Server as NetServer, Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
+import { UsageError } from '../errors.js';
+import { BufferPool } from './buffer-pool.js';
+import { Connection, DEFAULT_CONNECTION_LIMITS, type ConnectionHost, type ConnectionLimits } from './connection.js';
+import { ExportTable, type ExportConfig } from './exports.js';
+import { SILENT_LOGGER, type Logger } from './logger.js';
+import type { TlsMode } from './negotiation.js';
+import { upgradeToTls, type TlsCredentials } from './tls.js';
+
+export interface NbdServerOptions {
+  readonly exports: readonly ExportConfig[];
+  /** The export an empty name selects when there are several (one export is always the default). */
+  readonly defaultExport?: string;
+  readonly logger?: Logger;
+  /** qemu-nbd --shared: most clients at once; extra ones are closed on arrival. Default: no limit. */
+  readonly maxConnections?: number;
+  /**
+   * qemu-nbd --persistent. When false, the server closes itself after its last client
+   * disconnects (having had at least one). Default true: the CLI decides.
+   */
+  readonly persistent?: boolean;
+  readonly tls?: { readonly mode: TlsMode; readonly credentials?: TlsCredentials };
+  readonly limits?: Partial<ConnectionLimits>;
+}
+
+export interface ServeTransmissionOptions {
+  /** The kernel client speaks simple replies only. */
+  readonly structuredReplies?: boolean;
+}
+
+export class NbdServer extends EventEmitter {
+  private readonly exportTable: ExportTable;
+  private readonly logger: Logger;
+  private readonly maxConnections: number;
+  private readonly persistent: boolean;
+  private readonly tlsMode: TlsMode;
+  private readonly tlsCredentials: TlsCredentials | undefined;
+  private readonly limits: ConnectionLimits;
+  private readonly pool = new BufferPool();
+  private readonly connections = new Set<Connection>();
+  private readonly listeners_ = new Set<NetServer>();
+  private everConnected = false;
+  private closing: Promise<void> | undefined;
+  private readonly host: ConnectionHost;
+
+  constructor(opts: NbdServerOptions) {
+    super();
+    this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.limits };
+    if (opts.exports.length === 0) throw new UsageError('the server needs at least one export');
+    this.exportTable = new ExportTable(opts.exports, this.limits.maxPayloadBytes, opts.defaultExport);
+    this.logger = opts.logger ?? SILENT_LOGGER;
+    this.maxConnections = opts.maxConnections ?? Number.POSITIVE_INFINITY;
+    this.persistent = opts.persistent ?? true;
+    this.tlsMode = opts.tls?.mode ?? 'off';
+    this.tlsCredentials = opts.tls?.credentials;
+    if (this.tlsMode !== 'off' && this.tlsCredentials === undefined) throw new UsageError(`TLS mode ${this.tlsMode} needs credentials`);
+    const creds = this.tlsCredentials;
+    this.host = {
+      exports: this.exportTable,
+      logger: this.logger,
+      pool: this.pool,
+      limits: this.limits,
+      tlsMode: this.tlsMode,
+      upgradeTls: (raw: Duplex): TLSSocket => upgradeToTls(raw, creds!),
+      onClosed: (conn: Connection) => this.onConnectionClosed(conn),
+    };
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Serve clients arriving on `listener` (see listen.ts). */
+  attach(listener: NetServer): void {
+    this.listeners_.add(listener);
+    listener.on('connection', (socket: Socket) => this.accept(socket));
+  }
+
+  /** Take a connected client through the handshake. */
+  accept(socket: Socket | Duplex): void {
+    if (this.closing !== undefined) {
+      socket.destroy();
+      return;
+    }
+    if (this.connections.size >= this.maxConnections) {
+      this.logger.warn(`refusing a client: already serving ${this.connections.size} (limit ${this.maxConnections})`);
+      socket.destroy();
+      return;
+    }
+    this.track(new Connection(this.host, socket));
+  }
+
+  /**
+   * Serve `exportName` on an already connected socket with no handshake (the kernel's NBD
+   * client: userspace did the handshake, or there was none). Resolves when the socket closes.
+   */
+  serveTransmission(socket: Duplex, exportName: string, opts: ServeTransmissionOptions = {}): Promise<void> {
+    const exp = this.exportTable.lookup(exportName);
+    if (exp === undefined) throw new UsageError(`no export named ${JSON.stringify(exportName)}`);
+    const conn = new Connection(this.host, socket, { exp, structured: opts.structuredReplies ?? false });
+    this.track(conn);
+    return conn.closed;
+  }
+
+  private track(conn: Connection): void {
+    this.everConnected = true;
+    this.connections.add(conn);
+    this.emit('connection', conn.id, conn.peer);
+  }
+
+  private onConnectionClosed(conn: Connection): void {
+    if (!this.connections.delete(conn)) return;
+    if (this.connections.size > 0) return;
+    this.emit('idle');
+    if (!this.persistent && this.everConnected) void this.close();
+  }
+
+  /**
+   * Stop accepting, let in-flight requests finish and their replies drain (clients still in
+   * the handshake are dropped), flush every writable export, then resolve. Idempotent.
+   */
+  close(): Promise<void> {
+    this.closing ??= this.doClose();
+    return this.closing;
+  }
+
+  private async doClose(): Promise<void> {
+    for (const l of this.listeners_) l.close();
+    const waits: Promise<void>[] = [];
+    for (const conn of this.connections) {
+      conn.beginClose('the server is shutting down');
+      waits.push(conn.closed);
+    }
+    await Promise.all(waits);
+    for (const exp of this.exportTable.all()) {
+      if (!exp.backend.capabilities().flush) continue;
+      try {
+        await exp.backend.flush();
+      } catch (e) {
+        this.logger.error(`flushing export ${JSON.stringify(exp.name)} on shutdown: ${(e as Error).message}`);
+      }
+    }
+    this.emit('close');
+  }
+}
