@@ -1,0 +1,204 @@
+// Refcount consistency (QEMU's qcow2-refcount.c check): recount every reference from the
+// metadata (header, L1/L2 tables, data and compressed clusters, refcount structures, snapshot
+// table and snapshot L1 tables, bitmaps while their extension is valid) and compare with the
+// stored refcounts. Stored > counted is a leak, stored < counted is a corruption.
+
+import { CorruptImageError } from '../../errors.js';
+import type { HostFile } from '../../io/host-file.js';
+import { readU64OrNull } from '../../util/u64.js';
+import { QCOW2_AUTOCLEAR, type Qcow2Header } from './header.js';
+import { decodeL1Entry, decodeL2Entry, type Qcow2Geometry } from './map.js';
+import type { ImageState, RefcountManager } from './refcount.js';
+import type { Qcow2Snapshot } from './snapshot.js';
+
+export type CheckMode = 'none' | 'leaks' | 'all';
+
+export interface CheckTarget {
+  readonly file: HostFile;
+  readonly header: Qcow2Header;
+  readonly geometry: Qcow2Geometry;
+  readonly l1TableOffset: number;
+  readonly l1Offsets: readonly number[];
+  readonly snapshots: readonly Qcow2Snapshot[];
+  readonly snapshotTableBytes: number;
+  readonly refcounts: RefcountManager;
+  readonly state: ImageState;
+}
+
+export interface CheckResult {
+  /** References stored lower than counted (or unreadable metadata) left after any repair. */
+  readonly corruptions: number;
+  /** Clusters stored with a higher refcount than counted, left after any repair. */
+  readonly leaks: number;
+  readonly corruptionsFixed: number;
+  readonly leaksFixed: number;
+  /** One line per problem found, for `check` output. */
+  readonly messages: readonly string[];
+  /** One past the highest host byte in use. */
+  readonly imageEndOffset: number;
+}
+
+interface Count {
+  counts: Uint32Array;
+  errors: number;
+  messages: string[];
+}
+
+async function countReferences(t: CheckTarget, fileSize: number): Promise<Count> {
+  const g = t.geometry;
+  const cs = g.clusterSize;
+  const n = Math.ceil(Math.max(fileSize, t.state.fileEnd) / cs);
+  const c: Count = { counts: new Uint32Array(n), errors: 0, messages: [] };
+  const inc = (offset: number, bytes: number, what: string): void => {
+    if (bytes <= 0) return;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + bytes - 1) / cs);
+    if (last >= n) {
+      c.errors++;
+      c.messages.push(`ERROR ${what} at ${offset} is beyond the end of the image file`);
+      return;
+    }
+    for (let i = first; i <= last; i++) c.counts[i] = Math.min(0xffffffff, c.counts[i]! + 1);
+  };
+  inc(0, cs, 'header');
+  const table = Buffer.allocUnsafe(cs);
+  const walkL1 = async (l1Offset: number, l1Size: number, l1Entries: readonly number[] | null, what: string): Promise<void> => {
+    inc(l1Offset, l1Size * 8, what);
+    let entries = l1Entries;
+    if (entries === null) {
+      const raw = Buffer.alloc(l1Size * 8);
+      await t.file.pread(raw, l1Offset);
+      const list: number[] = [];
+      for (let i = 0; i < l1Size; i++) {
+        try {
+          list.push(decodeL1Entry(raw, i).l2Offset);
+        } catch (err) {
+          c.errors++;
+          c.messages.push(`ERROR ${what} entry ${i}: ${(err as Error).message}`);
+          list.push(0);
+        }
+      }
+      entries = list;
+    }
+    for (let i = 0; i < entries.length; i++) {
+      const l2 = entries[i]!;
+      if (l2 === 0) continue;
+      if (l2 % cs !== 0 || l2 + cs > Math.max(fileSize, t.state.fileEnd)) {
+        c.errors++;
+        c.messages.push(`ERROR L2 table at ${l2} is misaligned or beyond the end of the image file`);
+        continue;
+      }
+      inc(l2, cs, 'L2 table');
+      await t.file.pread(table, l2);
+      for (let j = 0; j < g.l2Entries; j++) {
+        try {
+          const e = decodeL2Entry(g, table, j, Math.max(fileSize, t.state.fileEnd));
+          if (e.compressed) inc(Math.floor(e.compressedOffset / 512) * 512, e.compressedBytes + (e.compressedOffset % 512), 'compressed cluster');
+          else if (e.hostOffset !== 0) inc(e.hostOffset, cs, 'data cluster');
+        } catch (err) {
+          c.errors++;
+          c.messages.push(`ERROR L2 table at ${l2} entry ${j}: ${(err as Error).message}`);
+        }
+      }
+    }
+  };
+  await walkL1(t.l1TableOffset, t.l1Offsets.length, t.l1Offsets, 'L1 table');
+  for (const s of t.snapshots) await walkL1(s.l1TableOffset, s.l1Size, null, `snapshot ${s.id} L1 table`);
+  if (t.snapshotTableBytes > 0) inc(t.header.snapshotsOffset, t.snapshotTableBytes, 'snapshot table');
+  const rc = t.refcounts;
+  inc(rc.reftableOffset, rc.reftableClusters * cs, 'refcount table');
+  for (const off of rc.reftable) if (off !== 0) inc(off, cs, 'refcount block');
+  const bm = t.header.bitmapsExtension;
+  if (bm !== null && (t.header.autoclearFeatures & QCOW2_AUTOCLEAR.BITMAPS) !== 0n) await countBitmaps(t, bm, inc, c);
+  return c;
+}
+
+async function countBitmaps(t: CheckTarget, ext: Buffer, inc: (o: number, b: number, w: string) => void, c: Count): Promise<void> {
+  const cs = t.geometry.clusterSize;
+  if (ext.length < 24) return;
+  const dirSize = readU64OrNull(ext, 8);
+  const dirOffset = readU64OrNull(ext, 16);
+  if (dirSize === null || dirOffset === null || dirSize > 64 * 1024 * 1024 || dirOffset % cs !== 0) {
+    c.errors++;
+    c.messages.push('ERROR bitmap directory is invalid');
+    return;
+  }
+  inc(dirOffset, dirSize, 'bitmap directory');
+  const dir = Buffer.alloc(dirSize);
+  await t.file.pread(dir, dirOffset);
+  for (let pos = 0; pos + 24 <= dir.length; ) {
+    const tableOffset = readU64OrNull(dir, pos);
+    const tableSize = dir.readUInt32BE(pos + 8);
+    const nameSize = dir.readUInt16BE(pos + 18);
+    const extraSize = dir.readUInt32BE(pos + 20);
+    if (tableOffset === null || tableSize * 8 > 64 * 1024 * 1024) {
+      c.errors++;
+      c.messages.push('ERROR bitmap table is invalid');
+      return;
+    }
+    inc(tableOffset, tableSize * 8, 'bitmap table');
+    const tbl = Buffer.alloc(tableSize * 8);
+    await t.file.pread(tbl, tableOffset);
+    for (let i = 0; i < tableSize; i++) {
+      const hi = tbl.readUInt32BE(i * 8);
+      const lo = tbl.readUInt32BE(i * 8 + 4);
+      const off = (hi & 0x00ffffff) * 0x1_0000_0000 + ((lo & 0xfffffe00) >>> 0);
+      if (off !== 0) inc(off, cs, 'bitmap data');
+    }
+    pos += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
+  }
+}
+
+/**
+ * Compare stored refcounts with the counted ones; `leaks` lowers leaked refcounts, `all` also
+ * raises refcounts that are too low (allocating refcount blocks away from every counted cluster).
+ * The caller holds the image's metadata lock and no request is in flight.
+ */
+export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<CheckResult> {
+  const rc = t.refcounts;
+  const cs = t.geometry.clusterSize;
+  let leaksFixed = 0;
+  let corruptionsFixed = 0;
+  for (let pass = 0; ; pass++) {
+    const fileSize = await t.file.size();
+    const count = await countReferences(t, fileSize);
+    let leaks = 0;
+    let corruptions = count.errors;
+    const messages = count.messages.slice();
+    const coverage = rc.reftable.length * rc.blockEntries;
+    const total = Math.max(count.counts.length, Math.min(coverage, Math.ceil(Math.max(fileSize, t.state.fileEnd) / cs)));
+    const fixes: { index: number; value: number; leak: boolean }[] = [];
+    let end = 0;
+    for (let i = 0; i < total; i++) {
+      const want = i < count.counts.length ? count.counts[i]! : 0;
+      const have = await rc.get(i);
+      if (want > 0 || have > 0) end = (i + 1) * cs;
+      if (have === want) continue;
+      if (have > want) {
+        leaks++;
+        messages.push(`Leaked cluster ${i} refcount=${have} reference=${want}`);
+        if (mode !== 'none') fixes.push({ index: i, value: want, leak: true });
+      } else {
+        corruptions++;
+        messages.push(`ERROR cluster ${i} refcount=${have} reference=${want}`);
+        if (mode === 'all') fixes.push({ index: i, value: want, leak: false });
+      }
+    }
+    if (fixes.length === 0 || pass >= 4) {
+      return { corruptions, leaks, corruptionsFixed, leaksFixed, messages, imageEndOffset: end };
+    }
+    rc.reserved = (i) => i < count.counts.length && count.counts[i]! > 0;
+    try {
+      for (const f of fixes) {
+        await rc.set(f.index, f.value);
+        if (f.leak) leaksFixed++;
+        else corruptionsFixed++;
+      }
+    } catch (err) {
+      throw new CorruptImageError(`qcow2: refcount repair failed: ${(err as Error).message}`, { cause: err });
+    } finally {
+      rc.reserved = null;
+    }
+    await t.file.datasync();
+  }
+}
