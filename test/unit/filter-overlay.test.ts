@@ -208,3 +208,27 @@ test('a bad granule is a usage error', async () => {
   await assert.rejects(openOverlay(new MemoryDevice(4096), { granuleBytes: 256 }), UsageError);
   await assert.rejects(openOverlay(new MemoryDevice(4096, { sizes: { minimum: 4096 } }), { granuleBytes: 512 }), UsageError);
 });
+
+test('overlay extents: base extents where untouched, overlay state where written, REQ_ONE gives one', async () => {
+  const size = 16 * 4096;
+  const base = new MemoryDevice(size, {
+    extents: (offset, length) => [{ length: Math.min(length, size - offset), flags: 3 }],
+  });
+  const dev = await openOverlay(base, { granuleBytes: 4096 });
+  try {
+    await dev.pwrite!(Buffer.alloc(100, 1), 4096 * 2 + 10);
+    await dev.zero!(4096 * 5, 4096, { mayTrim: true });
+    const ext = await dev.extents!(0, size);
+    // Untouched base holes, the copied-up granule (data), and the zeroed granule (a hole in the
+    // overlay file) next to base holes merge into runs.
+    assert.deepEqual(ext, [
+      { length: 4096 * 2, flags: 3 },
+      { length: 4096, flags: 0 },
+      { length: size - 4096 * 3, flags: 3 },
+    ]);
+    assert.deepEqual(await dev.extents!(4096 * 2 + 5, size - 4096 * 2 - 5, { one: true }), [{ length: 4096 - 5, flags: 0 }]);
+  } finally {
+    await dev.close();
+  }
+  assert.equal(base.closed, 1, 'closing the overlay closes the base');
+});
