@@ -93,6 +93,12 @@ export interface NbdReconfigureConfig {
   readonly timeoutSeconds?: number;
   readonly deadConnTimeoutSeconds?: number;
   readonly clientFlags?: number;
+  /**
+   * Must repeat the identifier given at CONNECT, if one was: the kernel refuses to reconfigure
+   * a device with a backend identifier otherwise (EINVAL), so a device cannot be re-pointed
+   * at another image.
+   */
+  readonly backendIdentifier?: string;
 }
 
 export function encodeReconfigureAttrs(c: NbdReconfigureConfig): NlAttrSpec[] {
@@ -100,6 +106,7 @@ export function encodeReconfigureAttrs(c: NbdReconfigureConfig): NlAttrSpec[] {
   if (c.timeoutSeconds !== undefined) attrs.push(nlaU64(NBD_ATTR.TIMEOUT, c.timeoutSeconds));
   if (c.deadConnTimeoutSeconds !== undefined) attrs.push(nlaU64(NBD_ATTR.DEAD_CONN_TIMEOUT, c.deadConnTimeoutSeconds));
   if (c.clientFlags !== undefined) attrs.push(nlaU64(NBD_ATTR.CLIENT_FLAGS, c.clientFlags));
+  if (c.backendIdentifier !== undefined) attrs.push(nlaString(NBD_ATTR.BACKEND_IDENTIFIER, c.backendIdentifier));
   if (c.socketFds !== undefined) attrs.push(sockets(c.socketFds));
   return attrs;
 }
