@@ -250,6 +250,8 @@ test('block device (loop): size by BLKGETSIZE64, BLKZEROOUT, BLKDISCARD', async 
   t.after(() => dev.close());
   assert.equal(dev.sizeBytes, 8 * MiB);
   assert.equal(dev.capabilities().extents, false);
+  const sysRotational = readFileSync(`/sys/block/${loop.replace('/dev/', '')}/queue/rotational`, 'latin1').trim();
+  assert.equal(dev.capabilities().rotational, sysRotational === '1');
   const got = Buffer.alloc(64 * KiB);
   await dev.pread(got, 1 * MiB);
   assert.deepEqual(got, pattern(64 * KiB, 1));

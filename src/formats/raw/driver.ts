@@ -3,6 +3,8 @@
 // after the write (capabilities().fua is false). trim deallocates (punch hole / BLKDISCARD);
 // zero uses fallocate or BLKZEROOUT and falls back to writing zeros unless `fast` is asked.
 
+import { fstat as fstatCb, type Stats } from 'node:fs';
+import { promisify } from 'node:util';
 import {
   DEFAULT_BLOCK_SIZES,
   type BlockDevice,
@@ -28,6 +30,7 @@ import {
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
 } from '../../sys/libc.js';
+import { isRotational } from '../../sys/rotational.js';
 import { PROBE_HEAD_BYTES } from '../magic.js';
 import type { FormatDriver, OpenImageOptions } from '../registry.js';
 import { seekExtents } from './extents.js';
@@ -40,6 +43,7 @@ export interface RawOpenOptions {
 }
 
 const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+const fstat = promisify(fstatCb) as (fd: number) => Promise<Stats>;
 const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 
 export class RawDevice implements BlockDevice {
@@ -56,7 +60,7 @@ export class RawDevice implements BlockDevice {
   private zeroRangeUnsupported = false;
   private seekUnsupported = false;
 
-  constructor(file: HostFile, sizeBytes: number, sectorBytes: number, physicalBytes: number, probedRaw: boolean) {
+  constructor(file: HostFile, sizeBytes: number, sectorBytes: number, physicalBytes: number, probedRaw: boolean, rotational = false) {
     this.file = file;
     this.fd = file.fd;
     this.sizeBytes = sizeBytes;
@@ -75,7 +79,7 @@ export class RawDevice implements BlockDevice {
       // NBD_CMD_CACHE becomes posix_fadvise(WILLNEED): the kernel reads ahead into the page cache.
       cache: true,
       multiConn: true,
-      rotational: false,
+      rotational,
     };
     // A probed raw image gets QEMU's 512-byte request alignment so that any write touching the
     // probe head carries all of it (see promotion-guard.ts).
@@ -252,13 +256,15 @@ function alignDown(v: number, a: number): number {
 export async function openRaw(path: string, opts: RawOpenOptions = {}): Promise<RawDevice> {
   const file = await HostFile.open(path, { readOnly: opts.readOnly ?? false });
   try {
+    const probed = opts.probedRaw ?? false;
+    const st = await fstat(file.fd);
     if (file.isBlockDevice) {
       const size = blockDeviceSize(file.fd);
       const logical = blockDeviceLogicalSectorSize(file.fd);
       const physical = blockDevicePhysicalSectorSize(file.fd);
-      return new RawDevice(file, size, logical > 0 ? logical : 512, physical, opts.probedRaw ?? false);
+      return new RawDevice(file, size, logical > 0 ? logical : 512, physical, probed, await isRotational(st.rdev));
     }
-    return new RawDevice(file, await file.size(), 1, 0, opts.probedRaw ?? false);
+    return new RawDevice(file, st.size, 1, 0, probed, await isRotational(st.dev));
   } catch (e) {
     await file.close();
     throw e;
