@@ -570,7 +570,8 @@ export class Qcow2Device implements BlockDevice {
     await this.markDirtyIfLazy();
     const fresh = Buffer.alloc(cs);
     if (cur !== 0) (await this.l2Cache.get(cur)).copy(fresh);
-    // The copy's entries now have two references (old table and new): clear their COPIED flags.
+    // A data cluster's refcount counts the L2 tables mapping it: the copy takes over the old
+    // table's reference, so refcounts stay as they are, but entries may be shared: clear COPIED.
     const off = await this.refcounts.allocate(1);
     await this.extendFile();
     if (cur !== 0) {
@@ -579,8 +580,6 @@ export class Qcow2Device implements BlockDevice {
         fresh.writeUInt32BE(fresh.readUInt32BE(pos) & 0x7fffffff, pos);
       }
     }
-    // The copy adds a reference to every cluster it maps; count them before anything points at it.
-    if (cur !== 0) await this.retainTableClusters(fresh);
     await this.l2Cache.write(off, fresh);
     if (!this.lazyRefcounts) await this.file.datasync();
     encodeL1Entry(this.l1, l1Index, off, true);
@@ -592,15 +591,6 @@ export class Qcow2Device implements BlockDevice {
       this.l2Cache.evict(cur);
     }
     return off;
-  }
-
-  private async retainTableClusters(table: Buffer): Promise<void> {
-    const g = this.geometry;
-    for (let i = 0; i < g.l2Entries; i++) {
-      const e = decodeL2Entry(g, table, i, this.state.fileEnd);
-      if (e.compressed) await this.refcounts.retain(Math.floor(e.compressedOffset / 512) * 512, e.compressedBytes + (e.compressedOffset % 512));
-      else if (e.hostOffset !== 0) await this.refcounts.retain(e.hostOffset, g.clusterSize);
-    }
   }
 
   // ---- zero and trim -------------------------------------------------------------------------
