@@ -3,12 +3,17 @@
 
 import { readFile } from 'node:fs/promises';
 
-/** Split a Linux dev_t (new_encode_dev layout: minor in bits 0-7 and 20-31, major in 8-19 and 32+). */
+/**
+ * Split a dev_t as glibc's gnu_dev_major/gnu_dev_minor do:
+ *   major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)
+ *   minor = (dev & 0xff) | ((dev >> 12) & ~0xff)
+ * done on 32-bit halves because `dev` is a JavaScript number.
+ */
 export function splitDevT(dev: number): { major: number; minor: number } {
   const lo = dev % 2 ** 32;
   const hi = Math.floor(dev / 2 ** 32);
-  const major = ((lo >>> 8) & 0xfff) | ((hi & 0xfffff) << 12);
-  const minor = (lo & 0xff) | ((lo >>> 12) & 0xfff00);
+  const major = ((lo >>> 8) & 0xfff) | (hi & 0xfffff000);
+  const minor = (lo & 0xff) | (((lo >>> 12) | ((hi & 0xfff) << 20)) & 0xffffff00);
   return { major: major >>> 0, minor: minor >>> 0 };
 }
 

@@ -11,8 +11,12 @@ test('splitDevT inverts gnu_dev_makedev', () => {
   assert.deepEqual(splitDevT(0x10303), { major: 259, minor: 3 });
   // minor 300 = 0x12c: low byte in bits 0-7, the rest from bit 20.
   assert.deepEqual(splitDevT(0x10082c), { major: 8, minor: 300 });
-  // major 4096 has bits above 12: they live from bit 32.
-  assert.deepEqual(splitDevT(2 ** 32 + 0x0001), { major: 4096, minor: 1 });
+  // makedev(4096, 1): (4096 & 0xfffff000) << 32 | 1.
+  assert.deepEqual(splitDevT(2 ** 44 + 1), { major: 4096, minor: 1 });
+  // makedev(0, 0x100000): (0x100000 & 0xffffff00) << 12 = 2^32.
+  assert.deepEqual(splitDevT(2 ** 32), { major: 0, minor: 0x100000 });
+  // makedev(0x12345, 0xabcdef) = 0x1200abcd345ef (computed with the C macro's formula).
+  assert.deepEqual(splitDevT(0x1200abcd345ef), { major: 0x12345, minor: 0xabcdef });
 });
 
 test('splitDevT agrees with a device node and its sysfs entry', (t) => {
