@@ -31,8 +31,11 @@ export class SyscallError extends ImgbdError {
   }
 }
 
-/** The operation is not implemented by this filesystem, device or kernel. */
+/**
+ * The operation is not implemented by this filesystem, device or kernel (ENODEV: fallocate on
+ * a block device before Linux 4.9; ENOTTY: an ioctl the device does not know).
+ */
 export function isNotSupported(err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code;
-  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY' || code === 'ENODEV';
 }

@@ -43,8 +43,8 @@ export interface RawOpenOptions {
 }
 
 const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-const fstat = promisify(fstatCb) as (fd: number) => Promise<Stats>;
 const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+const fstat = promisify(fstatCb) as (fd: number) => Promise<Stats>;
 
 export class RawDevice implements BlockDevice {
   readonly sizeBytes: number;
@@ -124,15 +124,17 @@ export class RawDevice implements BlockDevice {
 
   /**
    * Zeroing part of the head could complete a magic that ends in zero bytes ("QED\0"). The
-   * backend's 512-byte alignment makes any such request cover byte 0 (so no magic survives);
-   * this check keeps the driver safe when used without it.
+   * backend's 512-byte alignment makes any such request zero the whole head (and every magic
+   * has a nonzero byte); this check keeps the driver safe when used without it.
    */
   private async guardHeadZeroing(offset: number, length: number): Promise<void> {
-    if (!this.guardHead || offset >= PROBE_HEAD_BYTES || offset === 0) return;
+    if (!this.guardHead || offset >= PROBE_HEAD_BYTES) return;
+    const headLen = Math.min(PROBE_HEAD_BYTES, this.sizeBytes);
+    if (offset === 0 && length >= headLen) return;
     const head = Buffer.alloc(PROBE_HEAD_BYTES);
     await this.file.pread(head, 0);
     head.fill(0, offset, Math.min(offset + length, PROBE_HEAD_BYTES));
-    assertStaysRaw(head.subarray(0, Math.min(PROBE_HEAD_BYTES, this.sizeBytes)));
+    assertStaysRaw(head.subarray(0, headLen));
   }
 
   async trim(offset: number, length: number): Promise<void> {
