@@ -46,7 +46,7 @@ import {
   type ZeroOptions,
 } from './device.js';
 import { writeZeros, ZERO_BUFFER_BYTES } from './zero-buffer.js';
-import { ImgbdError, RequestError, type NbdErrno } from '../errors.js';
+import { ImgbdError, RequestError, toNbdErrno, type NbdErrno } from '../errors.js';
 
 export interface BackendOptions {
   /** Export read-only even if the layer is writable (qemu-nbd -r, nbdkit -r). */
@@ -238,7 +238,7 @@ export class Backend implements BlockDevice {
       } catch (err) {
         // A layer may discover only now that it cannot zero efficiently; unless the client
         // asked for fast, zeroing by writing is still correct.
-        if (fast || (err as { errno?: unknown }).errno !== 'ENOTSUP') throw err;
+        if (fast || toNbdErrno(err) !== 'ENOTSUP') throw err;
       }
     } else if (fast) {
       throw reqError('ENOTSUP', 'write-zeroes', offset, length, 'no fast zeroing here');
