@@ -389,6 +389,7 @@ export class Connection {
     this.attach(secure);
     secure.once('secure', () => {
       if (this.phase !== 'upgrading') return;
+      this.host.logger.info(`connection ${this.id}: TLS up (${secure.getProtocol() ?? '?'}, ${secure.getCipher()?.name ?? '?'})`);
       this.phase = 'handshake';
       this.negotiator!.tlsStarted();
       this.parser.reset('options');
