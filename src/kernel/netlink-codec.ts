@@ -57,8 +57,9 @@ export class NetlinkProtocolError extends ImgbdError {
   }
 }
 
+/** NLMSG_ALIGN / NLA_ALIGN, in plain arithmetic so u32 lengths above 2^31 stay positive. */
 export function nlAlign(n: number): number {
-  return (n + 3) & ~3;
+  return n + ((4 - (n % 4)) % 4);
 }
 
 // ---- attributes: encoding ----
@@ -312,5 +313,5 @@ export function decodeNlMsgErr(payload: Buffer, flags: number): NlMsgErr {
       }
     }
   }
-  return { errno: -error, request, ...(message !== undefined && { message }), ...(badAttrOffset !== undefined && { badAttrOffset }) };
+  return { errno: error === 0 ? 0 : -error, request, ...(message !== undefined && { message }), ...(badAttrOffset !== undefined && { badAttrOffset }) };
 }
