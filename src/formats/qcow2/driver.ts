@@ -676,6 +676,8 @@ export class Qcow2Device implements BlockDevice {
     if (length === 0) return;
     const g = this.geometry;
     const cs = g.clusterSize;
+    // Without a zero flag, discarding would expose stale backing data: QEMU ignores it too.
+    if (!g.zeroFlag && !g.extL2 && this.backing !== null) return;
     const [first, last] = this.clusterRange(offset, length);
     await this.clusterLock.run(first, last, true, async () => {
       const updates: { cluster: number; entry: { hostOffset: number; copied: boolean; alloc: number; zero: number } }[] = [];
@@ -687,10 +689,10 @@ export class Qcow2Device implements BlockDevice {
         if (a !== 0 || (b !== cs && c * cs + b !== this.sizeBytes)) continue;
         const e = await this.entry(c);
         const allocated = e.compressed || e.hostOffset !== 0;
-        if (!allocated && e.zero === 0) continue;
         // Discarded clusters read as zeros rather than exposing backing data, as QEMU does.
         let zero = 0;
         if (this.backing !== null || allocated) zero = g.extL2 ? ALL_SUBCLUSTERS : g.zeroFlag ? 1 : 0;
+        if (!allocated && e.zero === zero) continue;
         updates.push({ cluster: c, entry: { hostOffset: 0, copied: false, alloc: 0, zero } });
         olds.push(e);
       }

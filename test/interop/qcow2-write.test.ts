@@ -1,0 +1,196 @@
+// Random writes, write-zeroes and trims through the qcow2 driver, replayed by qemu-io on a twin
+// image: `qemu-img compare` must find them equal and `qemu-img check` must find no errors and no
+// leaks. Also covers overlays over a backing file, concurrent requests and driver-created images.
+
+import assert from 'node:assert/strict';
+import { copyFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { createQcow2, type Qcow2CreateOptions } from '../../src/formats/qcow2/create.js';
+import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
+import { openQcow2Chain, prng, qemuCheck, qemuContent, readAll } from '../fixtures/qcow2/helpers.js';
+
+const MiB = 1024 * 1024;
+
+type Op = { kind: 'write'; off: number; len: number; pattern: number } | { kind: 'zero'; off: number; len: number; mayTrim: boolean } | { kind: 'trim'; off: number; len: number };
+
+function randomOps(seed: number, count: number, sizeBytes: number, clusterSize: number): Op[] {
+  const rnd = prng(seed);
+  const ops: Op[] = [];
+  for (let i = 0; i < count; i++) {
+    // Log-uniform lengths from 1 byte to 4 MiB; half the requests aligned to the cluster size.
+    let len = Math.max(1, Math.floor(2 ** (rnd() * 22)));
+    let off = Math.floor(rnd() * sizeBytes);
+    if (rnd() < 0.5) {
+      off = Math.floor(off / clusterSize) * clusterSize;
+      len = Math.max(clusterSize, Math.floor(len / clusterSize) * clusterSize);
+    }
+    len = Math.min(len, sizeBytes - off);
+    if (len <= 0) continue;
+    const r = rnd();
+    if (r < 0.6) ops.push({ kind: 'write', off, len, pattern: 1 + Math.floor(rnd() * 254) });
+    else if (r < 0.85) ops.push({ kind: 'zero', off, len, mayTrim: rnd() < 0.5 });
+    else ops.push({ kind: 'trim', off, len });
+  }
+  return ops;
+}
+
+function qemuIoCommand(op: Op): string {
+  switch (op.kind) {
+    case 'write':
+      return `write -P ${op.pattern} ${op.off} ${op.len}`;
+    case 'zero':
+      return `write -z ${op.mayTrim ? '-u ' : ''}${op.off} ${op.len}`;
+    case 'trim':
+      return `discard ${op.off} ${op.len}`;
+  }
+}
+
+async function replay(path: string, ops: Op[]): Promise<void> {
+  for (let i = 0; i < ops.length; i += 100) {
+    await runOk('qemu-io', ['-f', 'qcow2', ...ops.slice(i, i + 100).flatMap((o) => ['-c', qemuIoCommand(o)]), path]);
+  }
+}
+
+async function assertClean(path: string): Promise<void> {
+  const chk = await qemuCheck(path);
+  assert.equal(chk.code, 0, `qemu-img check ${path}: ${JSON.stringify(chk.json)}`);
+  assert.equal(chk.json['check-errors'], 0);
+  assert.equal(chk.json.leaks ?? 0, 0);
+  assert.equal(chk.json.corruptions ?? 0, 0);
+}
+
+const configs: { name: string; opts: string; size: number; cluster: number; seed: number }[] = [
+  { name: 'v3 64K clusters', opts: 'cluster_size=65536', size: 64 * MiB, cluster: 65536, seed: 1 },
+  { name: 'v3 4K clusters', opts: 'cluster_size=4096', size: 32 * MiB, cluster: 4096, seed: 2 },
+  { name: 'v2 (compat 0.10)', opts: 'compat=0.10,cluster_size=65536', size: 32 * MiB, cluster: 65536, seed: 3 },
+  { name: 'extended L2 32K clusters', opts: 'extended_l2=on,cluster_size=32768', size: 32 * MiB, cluster: 32768, seed: 4 },
+  { name: '512-byte clusters, refcount_bits=2', opts: 'cluster_size=512,refcount_bits=2', size: 2 * MiB, cluster: 512, seed: 5 },
+  { name: 'lazy refcounts', opts: 'lazy_refcounts=on,cluster_size=65536', size: 32 * MiB, cluster: 65536, seed: 6 },
+];
+
+for (const c of configs) {
+  test(`qcow2 write: 300 random requests on ${c.name} match qemu-io`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const mine = join(dir, 'mine.qcow2');
+    const twin = join(dir, 'twin.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', c.opts, mine, String(c.size)]);
+    copyFileSync(mine, twin);
+    const ops = randomOps(c.seed, 300, c.size, c.cluster);
+    const dev = await openQcow2Chain(mine);
+    for (const op of ops) {
+      if (op.kind === 'write') await dev.pwrite(Buffer.alloc(op.len, op.pattern), op.off);
+      else if (op.kind === 'zero') await dev.zero!(op.off, op.len, { mayTrim: op.mayTrim });
+      else await dev.trim!(op.off, op.len);
+    }
+    await dev.flush();
+    await dev.close();
+    await replay(twin, ops);
+    const cmp = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', twin, mine]);
+    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+    await assertClean(mine);
+    // And the driver reads back what qemu-img sees.
+    const again = await openQcow2Chain(mine, { readOnly: true });
+    t.after(() => again.close());
+    assert.ok((await readAll(again)).equals(await qemuContent(dir, mine)));
+  });
+}
+
+for (const v of ['1.1', '0.10'] as const) {
+  test(`qcow2 write: random requests on an overlay (compat ${v}) over a backing file match qemu-io`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const base = join(dir, 'base.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', base, String(16 * MiB)]);
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xaa 0 6M', '-c', 'write -P 0xbb 9M 3M', base]);
+    const mine = join(dir, 'mine.qcow2');
+    const twin = join(dir, 'twin.qcow2');
+    // The overlay is larger than its backing file: the tail reads as zeros.
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `compat=${v},cluster_size=16384`, '-b', 'base.qcow2', '-F', 'qcow2', mine, String(20 * MiB)]);
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `compat=${v},cluster_size=16384`, '-b', 'base.qcow2', '-F', 'qcow2', twin, String(20 * MiB)]);
+    const ops = randomOps(v === '1.1' ? 21 : 22, 250, 20 * MiB, 16384);
+    const dev = await openQcow2Chain(mine);
+    for (const op of ops) {
+      if (op.kind === 'write') await dev.pwrite(Buffer.alloc(op.len, op.pattern), op.off);
+      else if (op.kind === 'zero') await dev.zero!(op.off, op.len, { mayTrim: op.mayTrim });
+      else await dev.trim!(op.off, op.len);
+    }
+    await dev.close();
+    await replay(twin, ops);
+    const cmp = await run('qemu-img', ['compare', twin, mine]);
+    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+    await assertClean(mine);
+  });
+}
+
+test('qcow2 write: concurrent overlapping requests are serialised per cluster', async (t) => {
+  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+  const dir = tempDir(t);
+  const img = join(dir, 'c.qcow2');
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, String(4 * MiB)]);
+  const dev = await openQcow2Chain(img);
+  const rnd = prng(99);
+  const model = Buffer.alloc(4 * MiB);
+  const inflight: Promise<void>[] = [];
+  // Disjoint writes in flight together, then overlapping ones applied in issue order.
+  for (let i = 0; i < 200; i++) {
+    const off = Math.floor(rnd() * (4 * MiB - 20000));
+    const len = 1 + Math.floor(rnd() * 20000);
+    const pat = 1 + Math.floor(rnd() * 254);
+    model.fill(pat, off, off + len);
+    inflight.push(dev.pwrite(Buffer.alloc(len, pat), off));
+  }
+  await Promise.all(inflight);
+  assert.ok((await readAll(dev)).equals(model));
+  await dev.close();
+  assert.ok((await qemuContent(dir, img)).equals(model));
+  await assertClean(img);
+});
+
+const createCases: { name: string; opts: Qcow2CreateOptions; info: Record<string, unknown> }[] = [
+  { name: 'v3 defaults', opts: { sizeBytes: 100 * MiB }, info: { 'cluster-size': 65536, compat: '1.1', 'refcount-bits': 16 } },
+  { name: 'v2', opts: { sizeBytes: 10 * MiB, compat: '0.10', clusterSize: 4096 }, info: { 'cluster-size': 4096, compat: '0.10' } },
+  { name: 'extended L2 + zstd + lazy refcounts', opts: { sizeBytes: 50 * MiB, extendedL2: true, compressionType: 'zstd', lazyRefcounts: true }, info: { 'extended-l2': true, 'compression-type': 'zstd', 'lazy-refcounts': true } },
+  { name: '512-byte clusters, 1-bit refcounts, metadata preallocation', opts: { sizeBytes: 3 * MiB, clusterSize: 512, refcountBits: 1, preallocation: 'metadata' }, info: { 'cluster-size': 512, 'refcount-bits': 1 } },
+  { name: '2M clusters, 64-bit refcounts', opts: { sizeBytes: 1024 * MiB + 512, clusterSize: 2 * MiB, refcountBits: 64 }, info: { 'cluster-size': 2 * MiB, 'refcount-bits': 64 } },
+];
+
+for (const c of createCases) {
+  test(`qcow2 create: ${c.name} passes qemu-img check and info`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const img = join(dir, 'new.qcow2');
+    await createQcow2(img, c.opts);
+    await assertClean(img);
+    const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', img])) as Record<string, unknown> & { 'format-specific': { data: Record<string, unknown> } };
+    assert.equal(info.format, 'qcow2');
+    assert.equal(info['virtual-size'], Math.ceil(c.opts.sizeBytes / 512) * 512);
+    const merged = { ...info['format-specific'].data, 'cluster-size': info['cluster-size'] };
+    for (const [k, v] of Object.entries(c.info)) assert.equal(merged[k], v, k);
+    // Writes through the driver land where qemu-io reads them.
+    const dev = await openQcow2Chain(img);
+    await dev.pwrite(Buffer.alloc(70000, 0x5a), 1000);
+    await dev.close();
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x5a 1000 70000', '-c', 'read -P 0 0 1000', img]);
+    await assertClean(img);
+  });
+}
+
+test('qcow2 create: an overlay with backing file and format reads through to its base', async (t) => {
+  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+  const dir = tempDir(t);
+  const base = join(dir, 'base.qcow2');
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', base, String(4 * MiB)]);
+  await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 4M', base]);
+  const ov = join(dir, 'ov.qcow2');
+  await createQcow2(ov, { sizeBytes: 4 * MiB, backingFile: 'base.qcow2', backingFormat: 'qcow2', clusterSize: 4096 });
+  const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', ov])) as Record<string, unknown>;
+  assert.equal(info['backing-filename'], 'base.qcow2');
+  assert.equal(info['backing-filename-format'], 'qcow2');
+  const dev = await openQcow2Chain(ov);
+  await dev.pwrite(Buffer.alloc(100, 0x32), 5000);
+  await dev.close();
+  await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x31 0 5000', '-c', 'read -P 0x32 5000 100', '-c', 'read -P 0x31 5100 1000', ov]);
+  await assertClean(ov);
+});
