@@ -48,6 +48,7 @@ export interface VmAssets {
 export interface VmShare {
   /** Host directory; mounted at the same absolute path in the guest unless guestPath is set. */
   readonly hostPath: string;
+  /** Must already exist in the host root, or lie under a guest tmpfs (/tmp, /run): the root is read-only. */
   readonly guestPath?: string;
   readonly readOnly?: boolean;
 }
