@@ -12,7 +12,7 @@
 
 import { ProtocolError } from '../errors.js';
 import { ChunkQueue } from './chunk-queue.js';
-import { NBD_CMD, OPTION_HEADER_SIZE, REQUEST_SIZE } from './constants.js';
+import { NBD_CMD, NBD_REQUEST_MAGIC, OPTION_HEADER_SIZE, REQUEST_SIZE } from './constants.js';
 import { decodeOptionHeader } from './handshake.js';
 import { decodeRequest } from './transmission.js';
 
@@ -157,7 +157,15 @@ export class RequestParser {
   private nextRequest(): ClientMessage | null {
     let pending = this.pendingWrite;
     if (pending === null) {
-      if (this.queue.length < REQUEST_SIZE) return null;
+      if (this.queue.length < REQUEST_SIZE) {
+        // A wrong magic is known after 4 bytes: do not wait for a request that is not coming
+        // (an option sent after NBD_OPT_GO is only 16 bytes long).
+        if (this.queue.length >= 4) {
+          const magic = this.queue.peekU32(0);
+          if (magic !== NBD_REQUEST_MAGIC) throw new ProtocolError('ERR_NBD_BAD_MAGIC', `bad request magic 0x${magic.toString(16)}`);
+        }
+        return null;
+      }
       const req = decodeRequest(this.queue.consume(REQUEST_SIZE));
       if (req.type !== NBD_CMD.WRITE || req.length === 0) {
         return { kind: 'request', ...req, payload: req.type === NBD_CMD.WRITE ? EMPTY : undefined, oversized: false };

@@ -205,3 +205,13 @@ test('property: random request streams chopped randomly decode identically', () 
     { numRuns: 300 },
   );
 });
+
+test('a bad request magic is refused as soon as 4 bytes are in, not after 28', () => {
+  const p = new RequestParser('transmission');
+  // An option header sent after NBD_OPT_GO: 16 bytes, never a whole request.
+  p.push(hex('49484156454f5054 00000003 00000000'));
+  assert.throws(() => p.next(), (e: unknown) => e instanceof ProtocolError && e.code === 'ERR_NBD_BAD_MAGIC');
+  const q = new RequestParser('transmission');
+  q.push(hex('256095'));
+  assert.equal(q.next(), null);
+});
