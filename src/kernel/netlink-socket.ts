@@ -94,7 +94,8 @@ export class NetlinkSocket {
     if (this.closed) throw new ImgbdError('ERR_NETLINK_CLOSED', `${opts.what}: netlink socket is closed`);
     this.seq = (this.seq + 1) >>> 0;
     const seq = this.seq;
-    sendToKernel(this.fd, encodeNlMsg({ type, flags: flags | NLM_F.REQUEST | NLM_F.ACK, seq, pid: 0 }, payload));
+    await sendToKernel(this.fd, encodeNlMsg({ type, flags: flags | NLM_F.REQUEST | NLM_F.ACK, seq, pid: 0 }, payload));
+    if (this.closed) throw new ImgbdError('ERR_NETLINK_CLOSED', `${opts.what}: netlink socket closed while sending`);
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const deadline = Date.now() + timeoutMs;
     const replies: NlMsg[] = [];

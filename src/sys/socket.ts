@@ -2,8 +2,8 @@
 // AF_NETLINK, bind(2) to a sockaddr_nl, sendto(2)/recv(2) of whole datagrams) and
 // socketpair(2) for handing one end of a stream to the kernel.
 //
-// Receiving never blocks the main thread: poll(2) waits on the libuv thread pool, then recv
-// runs on the main thread with MSG_DONTWAIT so errno is read where the call was made.
+// Nothing blocks the main thread: sendto(2) and poll(2) run on the libuv thread pool, then
+// recv runs on the main thread with MSG_DONTWAIT.
 //
 // struct sockaddr_nl (12 bytes, host order)
 //   0  u16 nl_family (AF_NETLINK)   2  u16 nl_pad   4  u32 nl_pid (0 = kernel)   8  u32 nl_groups
@@ -34,7 +34,7 @@ interface Bindings {
   socket: SyncFn;
   socketpair: SyncFn;
   bind: SyncFn;
-  sendto: SyncFn;
+  sendto: AsyncFn;
   recv: SyncFn;
   setsockopt: SyncFn;
   poll: AsyncFn;
@@ -108,16 +108,27 @@ export function setSockOptInt(fd: number, level: number, name: number, value: nu
   check(lib().setsockopt(fd, level, name, v, 4), 'setsockopt');
 }
 
-/** Send one datagram to the kernel (nl_pid 0); a short send is an error. */
-export function sendToKernel(fd: number, datagram: Buffer): void {
+/**
+ * Send one datagram to the kernel (nl_pid 0); a short send is an error. Runs on the thread
+ * pool: the kernel handles a generic netlink request inside sendto(2), and a command such as
+ * NBD disconnect may wait on I/O that this very process serves on its event loop.
+ */
+export function sendToKernel(fd: number, datagram: Buffer): Promise<void> {
   const addr = sockaddrNl(0, 0);
-  for (;;) {
-    const r = lib().sendto(fd, datagram, datagram.length, 0, addr, addr.length);
-    if (r < 0 && koffi.errno() === EINTR) continue;
-    check(r, 'sendto');
-    if (r !== datagram.length) throw new SyscallError('sendto', 90 /* EMSGSIZE */);
-    return;
-  }
+  const attempt = (resolve: () => void, reject: (e: unknown) => void): void => {
+    lib().sendto.async(fd, datagram, datagram.length, 0, addr, addr.length, (err: unknown, r: number) => {
+      if (err) return reject(err);
+      if (r < 0) {
+        // koffi restores the worker thread's errno around this callback.
+        const errno = koffi.errno();
+        if (errno === EINTR) return attempt(resolve, reject);
+        return reject(new SyscallError('sendto', errno));
+      }
+      if (r !== datagram.length) return reject(new SyscallError('sendto', 90 /* EMSGSIZE */));
+      resolve();
+    });
+  };
+  return new Promise(attempt);
 }
 
 /**
