@@ -8,8 +8,9 @@
 // refused with the advice to rename it or reach it through a symlink without ':'.
 
 import { UsageError } from '../errors.js';
+import type { PartitionSelector } from '../partition/table.js';
 
-export type PartitionSelector = number | { readonly name: string };
+export type { PartitionSelector } from '../partition/table.js';
 
 export interface ImageSpec {
   /** The image path, exactly as given (relative paths stay relative). */

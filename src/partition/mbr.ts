@@ -200,7 +200,8 @@ export async function readMbr(dev: BlockDevice, sector0: Buffer, sectorBytes = 5
       const link = decoded.entries.find((e) => e.sectors !== 0 && isExtendedType(e.systemId));
       if (!link) break;
       const linkStart = extStart + link.startLba;
-      if (link.startLba === 0 || linkStart + link.sectors > extEnd) {
+      // A link to offset 0 points back at the first EBR: the visited check reports it as a loop.
+      if (linkStart + link.sectors > extEnd) {
         throw new CorruptImageError(
           `MBR: the link in the EBR at sector ${ebr} (entry ${link.slot + 1}: sectors ${linkStart}+${link.sectors}) leaves extended partition ${extNumber} (sectors ${extStart}-${extEnd - 1})`,
         );
