@@ -165,11 +165,19 @@ export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<Check
     let leaks = 0;
     let corruptions = count.errors;
     const messages = count.messages.slice();
-    const coverage = rc.reftable.length * rc.blockEntries;
-    const total = Math.max(count.counts.length, Math.min(coverage, Math.ceil(Math.max(fileSize, t.state.fileEnd) / cs)));
+    // Past the counted range only clusters inside existing refcount blocks can carry a refcount.
+    let lastBlock = -1;
+    rc.reftable.forEach((off, ti) => {
+      if (off !== 0) lastBlock = ti;
+    });
+    const total = Math.max(count.counts.length, (lastBlock + 1) * rc.blockEntries);
     const fixes: { index: number; value: number; leak: boolean }[] = [];
     let end = 0;
     for (let i = 0; i < total; i++) {
+      if (i >= count.counts.length && i % rc.blockEntries === 0 && rc.reftable[i / rc.blockEntries] === 0) {
+        i += rc.blockEntries - 1;
+        continue;
+      }
       const want = i < count.counts.length ? count.counts[i]! : 0;
       const have = await rc.get(i);
       if (want > 0 || have > 0) end = (i + 1) * cs;
