@@ -220,8 +220,21 @@ export function requireVm(t: TestContext): VmAssets | null {
 }
 
 /** Single-quote for sh. */
-function shQuote(s: string): string {
+export function shQuote(s: string): string {
   return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/**
+ * The shell command that runs a guest node script living next to a test, the way the test
+ * itself runs: `base` is the script's URL without extension (new URL('./guest/x', import.meta.url)),
+ * resolved to .ts under tsx and to the compiled .js under dist.
+ */
+export function guestNodeCommand(base: URL, args: readonly string[] = []): string {
+  const self = fileURLToPath(import.meta.url);
+  const ts = self.endsWith('.ts');
+  const script = `${fileURLToPath(base)}${ts ? '.ts' : '.js'}`;
+  const node = ts ? ['node', '--import', 'tsx'] : ['node', '--enable-source-maps'];
+  return [...node, script, ...args].map(shQuote).join(' ');
 }
 
 function guestConfig(scratch: string, cwd: string, shares: readonly VmShare[]): string {

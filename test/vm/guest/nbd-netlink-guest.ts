@@ -7,10 +7,11 @@
 // answered with 16-byte simple replies (magic 0x67446698, u32 error, u64 cookie).
 
 import { spawn } from 'node:child_process';
-import { appendFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { NBD_CFLAG, NbdNetlink } from '../../../src/kernel/nbd-netlink.js';
 import { closeFd, socketPair } from '../../../src/sys/socket.js';
+import { errorDetail, reportCheck, runCheck } from './report.js';
 
 const REQUEST_MAGIC = 0x25609513;
 const REPLY_MAGIC = 0x67446698;
@@ -21,29 +22,14 @@ const NBD_FLAG_SEND_TRIM = 1 << 5;
 const SIZE_BYTES = 4 * 1024 * 1024;
 const EINVAL = 22;
 
-const resultsPath = process.env.IMGBD_VM_RESULTS;
 const scratch = process.env.IMGBD_VM_SCRATCH ?? '/tmp';
 
 function report(check: string, ok: boolean, detail?: unknown): void {
-  const line = JSON.stringify({ suite: 'netlink', check, ok, ...(detail !== undefined && { detail }) });
-  if (resultsPath) appendFileSync(resultsPath, `${line}\n`);
-  else process.stdout.write(`${line}\n`);
+  reportCheck('netlink', check, ok, detail);
 }
 
-function errorDetail(err: unknown): unknown {
-  const e = err as { name?: string; code?: string; errno?: number; message?: string };
-  return { name: e.name, code: e.code, errno: e.errno, message: e.message };
-}
-
-async function expectCheck(check: string, fn: () => Promise<unknown> | unknown): Promise<unknown> {
-  try {
-    const detail = await fn();
-    report(check, true, detail);
-    return detail;
-  } catch (err) {
-    report(check, false, errorDetail(err));
-    return undefined;
-  }
+function expectCheck<T>(check: string, fn: () => Promise<T> | T): Promise<T | undefined> {
+  return runCheck('netlink', check, fn);
 }
 
 function fail(message: string): never {
