@@ -166,7 +166,7 @@ for (const c of createCases) {
     const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', img])) as Record<string, unknown> & { 'format-specific': { data: Record<string, unknown> } };
     assert.equal(info.format, 'qcow2');
     assert.equal(info['virtual-size'], Math.ceil(c.opts.sizeBytes / 512) * 512);
-    const merged = { ...info['format-specific'].data, 'cluster-size': info['cluster-size'] };
+    const merged: Record<string, unknown> = { ...info['format-specific'].data, 'cluster-size': info['cluster-size'] };
     for (const [k, v] of Object.entries(c.info)) assert.equal(merged[k], v, k);
     // Writes through the driver land where qemu-io reads them.
     const dev = await openQcow2Chain(img);

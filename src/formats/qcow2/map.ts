@@ -134,7 +134,7 @@ export function decodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, fi
 /** Encode a normal (non-compressed) entry. */
 export function encodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, e: { hostOffset: number; copied: boolean; alloc: number; zero: number }): void {
   const pos = index * g.l2EntryBytes;
-  let hostOffset = e.hostOffset;
+  const hostOffset = e.hostOffset;
   let low = 0;
   if (!g.extL2) {
     if (e.zero !== 0) {
