@@ -66,6 +66,9 @@ export function run(command: string, args: readonly string[], opts: { input?: st
       clearTimeout(timer);
       resolve({ code, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() });
     });
+    // A command that exits without reading its input (blkid, partx) closes the pipe: EPIPE on
+    // stdin is not a failure, the exit code says whether it worked.
+    child.stdin.on('error', () => {});
     child.stdin.end(opts.input ?? '');
   });
 }
