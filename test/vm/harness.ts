@@ -8,7 +8,7 @@
 
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import type { TestContext } from 'node:test';
@@ -191,15 +191,28 @@ export function ensureVmAssets(): VmAssets {
   const cacheDir = join(projectRoot(), 'node_modules', '.cache', 'imgbd-vm', kernelVersion);
   mkdirSync(cacheDir, { recursive: true });
 
-  let kernelPath = join(cacheDir, 'vmlinux');
+  // Same-version rebuilds (and a reinstalled busybox) must not reuse stale files.
+  const bzImagePath = join('/boot', `vmlinuz-${kernelVersion}`);
+  const stamp = (p: string) => {
+    const st = statSync(p);
+    return `${st.size}:${st.mtimeMs}`;
+  };
+  const kernelKey = createHash('sha256').update(stamp(bzImagePath)).digest('hex').slice(0, 12);
+  let kernelPath = join(cacheDir, `vmlinux-${kernelKey}`);
   if (!existsSync(kernelPath)) {
-    const bzImage = readFileSync(join('/boot', `vmlinuz-${kernelVersion}`));
+    const bzImage = readFileSync(bzImagePath);
     const elf = extractVmlinux(bzImage);
     if (elf) writeAtomically(kernelPath, elf);
-    else kernelPath = join('/boot', `vmlinuz-${kernelVersion}`);
+    else kernelPath = bzImagePath;
   }
 
-  const key = createHash('sha256').update(GUEST_INIT).update(GUEST_MODPROBE).update(BOOT_MODULES.join(',')).digest('hex').slice(0, 16);
+  const key = createHash('sha256')
+    .update(GUEST_INIT)
+    .update(GUEST_MODPROBE)
+    .update(BOOT_MODULES.join(','))
+    .update(stamp('/bin/busybox'))
+    .digest('hex')
+    .slice(0, 16);
   const initramfsPath = join(cacheDir, `initramfs-${key}.cpio`);
   if (!existsSync(initramfsPath)) writeAtomically(initramfsPath, buildInitramfs(kernelVersion));
   return { kernelVersion, kernelPath, initramfsPath };
