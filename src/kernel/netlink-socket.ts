@@ -41,6 +41,7 @@ export class NetlinkTimeoutError extends ImgbdError {
 
 const RECV_BUFFER_BYTES = 64 * 1024;
 const DEFAULT_TIMEOUT_MS = 30_000;
+const POLL_SLICE_MS = 250;
 
 export interface NetlinkRequestOptions {
   /** Names the request in errors, e.g. "NBD_CMD_CONNECT". */
@@ -81,7 +82,7 @@ export class NetlinkSocket {
   }
 
   /**
-   * Send one message (flags gain REQUEST and ACK) and collect the replies carrying its
+   * Send one message (flags gain REQUEST and ACK, and DUMP for a dump) and collect the replies carrying its
    * sequence number, up to the ACK (or NLMSG_DONE for a dump). Requests are serialized.
    */
   request(type: number, flags: number, payload: readonly Uint8Array[], opts: NetlinkRequestOptions): Promise<NlMsg[]> {
@@ -94,7 +95,8 @@ export class NetlinkSocket {
     if (this.closed) throw new ImgbdError('ERR_NETLINK_CLOSED', `${opts.what}: netlink socket is closed`);
     this.seq = (this.seq + 1) >>> 0;
     const seq = this.seq;
-    await sendToKernel(this.fd, encodeNlMsg({ type, flags: flags | NLM_F.REQUEST | NLM_F.ACK, seq, pid: 0 }, payload));
+    const allFlags = flags | NLM_F.REQUEST | NLM_F.ACK | (opts.dump ? NLM_F.DUMP : 0);
+    await sendToKernel(this.fd, encodeNlMsg({ type, flags: allFlags, seq, pid: 0 }, payload));
     if (this.closed) throw new ImgbdError('ERR_NETLINK_CLOSED', `${opts.what}: netlink socket closed while sending`);
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const deadline = Date.now() + timeoutMs;
@@ -104,7 +106,8 @@ export class NetlinkSocket {
       if (n === null) {
         const left = deadline - Date.now();
         if (left <= 0) throw new NetlinkTimeoutError(opts.what, timeoutMs);
-        await waitReadable(this.fd, left);
+        // In slices, so that close() ends a wait promptly (closing an fd wakes no poller).
+        await waitReadable(this.fd, Math.min(left, POLL_SLICE_MS));
         // The fd number may have been reused after close(): never touch it again.
         if (this.closed) throw new ImgbdError('ERR_NETLINK_CLOSED', `${opts.what}: netlink socket closed while waiting`);
         continue;

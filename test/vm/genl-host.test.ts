@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { Socket } from 'node:net';
 import { GenlSocket } from '../../src/kernel/genl.js';
-import { GENL_ID_CTRL, CTRL_CMD_GETFAMILY } from '../../src/kernel/genl-codec.js';
+import { CTRL_CMD_GETFAMILY, decodeFamily, GENL_ID_CTRL } from '../../src/kernel/genl-codec.js';
 import { NetlinkError } from '../../src/kernel/netlink-socket.js';
 import { nlaString } from '../../src/kernel/netlink-codec.js';
 import { socketPair } from '../../src/sys/socket.js';
@@ -60,4 +60,20 @@ test('socketPair gives two connected stream fds usable as net.Socket', async (t)
   sb.on('data', (d: Buffer) => chunks.push(d));
   await once(sb, 'end');
   assert.equal(Buffer.concat(chunks).toString(), 'ping');
+});
+
+test('a dump lists every registered family, nlctrl among them', async (t) => {
+  const g = GenlSocket.open();
+  t.after(() => g.close());
+  const replies = await g.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 2, [], { what: 'GETFAMILY dump', dump: true });
+  const names = replies.map((m) => decodeFamily(m).name);
+  assert.ok(names.includes('nlctrl'), names.join(','));
+  assert.equal(new Set(names).size, names.length);
+});
+
+test('a request still queued at close() fails with ERR_NETLINK_CLOSED', async () => {
+  const g = GenlSocket.open();
+  const pending = g.resolveFamily('nlctrl');
+  g.close();
+  await assert.rejects(pending, (e: unknown) => (e as { code?: string }).code === 'ERR_NETLINK_CLOSED');
 });
