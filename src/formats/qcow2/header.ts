@@ -209,6 +209,7 @@ export function decodeQcow2Header(cluster0: Buffer, fileSize: number): Qcow2Head
   const backingFileOffset = u64Field(cluster0, 8, 'backing_file_offset');
   const backingFileSize = cluster0.readUInt32BE(16);
 
+  if (backingFileOffset !== 0 && backingFileOffset < headerLength) throw new CorruptImageError('qcow2 header: backing file name overlaps the header');
   // Extensions come first: the feature name table names unknown bits in the errors below.
   const extensions: Qcow2Extension[] = [];
   const featureNames: Qcow2FeatureName[] = [];
@@ -277,7 +278,6 @@ export function decodeQcow2Header(cluster0: Buffer, fileSize: number): Qcow2Head
     if (backingFileOffset + backingFileSize > clusterSize || backingFileOffset + backingFileSize > cluster0.length) {
       throw new CorruptImageError('qcow2 header: backing file name runs past the first cluster');
     }
-    if (backingFileOffset < headerLength) throw new CorruptImageError('qcow2 header: backing file name overlaps the header');
     backingFile = cluster0.subarray(backingFileOffset, backingFileOffset + backingFileSize).toString('utf8');
   }
 
