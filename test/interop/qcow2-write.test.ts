@@ -194,3 +194,24 @@ test('qcow2 create: an overlay with backing file and format reads through to its
   await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x31 0 5000', '-c', 'read -P 0x32 5000 100', '-c', 'read -P 0x31 5100 1000', ov]);
   await assertClean(ov);
 });
+
+test('qcow2 write: the refcount table grows (512-byte clusters, 64-bit refcounts) and qemu-img agrees', async (t) => {
+  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+  const dir = tempDir(t);
+  const img = join(dir, 'grow.qcow2');
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=64', img, String(8 * MiB)]);
+  const dev = await openQcow2Chain(img);
+  const firstTable = dev.refcounts.reftableOffset;
+  // One reftable cluster covers 64 blocks of 64 refcounts: 2 MiB of host clusters.
+  for (let off = 0; off < 6 * MiB; off += 256 * 1024) await dev.pwrite(Buffer.alloc(256 * 1024, (off / 65536) & 0xff), off);
+  assert.notEqual(dev.refcounts.reftableOffset, firstTable, 'the refcount table moved');
+  await dev.close();
+  await assertClean(img);
+  const twin = join(dir, 'twin.raw');
+  await runOk('qemu-img', ['create', '-q', '-f', 'raw', twin, String(8 * MiB)]);
+  const cmds: string[] = [];
+  for (let off = 0; off < 6 * MiB; off += 256 * 1024) cmds.push('-c', `write -P ${(off / 65536) & 0xff} ${off} ${256 * 1024}`);
+  await runOk('qemu-io', ['-f', 'raw', ...cmds, twin]);
+  const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', twin, img]);
+  assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+});

@@ -23,7 +23,8 @@ const cases: { name: string; opts: Qcow2CreateOptions }[] = [
   { name: 'v3 64K', opts: { sizeBytes: 24 * MiB } },
   { name: 'v2 4K', opts: { sizeBytes: 12 * MiB, compat: '0.10', clusterSize: 4096 } },
   { name: 'extended L2 16K', opts: { sizeBytes: 12 * MiB, extendedL2: true, clusterSize: 16384 } },
-  { name: '512-byte clusters, 4-bit refcounts (refcount table grows)', opts: { sizeBytes: 6 * MiB + 512, clusterSize: 512, refcountBits: 4 } },
+  { name: '512-byte clusters, 4-bit refcounts', opts: { sizeBytes: 6 * MiB + 512, clusterSize: 512, refcountBits: 4 } },
+  { name: '512-byte clusters, 64-bit refcounts (refcount table grows)', opts: { sizeBytes: 6 * MiB, clusterSize: 512, refcountBits: 64 } },
   { name: 'lazy refcounts, 64-bit refcounts', opts: { sizeBytes: 12 * MiB, lazyRefcounts: true, refcountBits: 64, clusterSize: 8192 } },
 ];
 
