@@ -2,7 +2,7 @@
 // extents agree with `qemu-img map` on which ranges hold data.
 
 import assert from 'node:assert/strict';
-import { copyFileSync, openSync, readSync, closeSync, writeFileSync } from 'node:fs';
+import { copyFileSync, openSync, readSync, closeSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../../src/block/device.js';
@@ -223,4 +223,62 @@ test('qcow2 read: lazy refcounts left dirty by a killed qemu-io are read, then r
   const copy = join(dir, 'lazy-copy.qcow2');
   copyFileSync(img, copy);
   await assertReadsLikeQemu(t, dir, copy);
+});
+
+test('qcow2: bitmaps extension is counted while valid, preserved untouched, and its autoclear bit cleared on a writable open', async (t) => {
+  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+  const dir = tempDir(t);
+  const img = join(dir, 'bm.qcow2');
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', img, String(8 * MiB)]);
+  await runOk('qemu-img', ['bitmap', '--add', img, 'b0']);
+  await qemuIo(img, ['write -P 0x21 0 2M', 'write -P 0x22 6M 64k']);
+  const hdr = (): Buffer => {
+    const b = Buffer.alloc(65536);
+    const fd = openSync(img, 'r');
+    readSync(fd, b, 0, b.length, 0);
+    closeSync(fd);
+    return b;
+  };
+  const before = hdr();
+  assert.equal(before.readBigUInt64BE(88) & 1n, 1n);
+  // Unknown autoclear bits are cleared too.
+  const poked = Buffer.alloc(8);
+  poked.writeBigUInt64BE(before.readBigUInt64BE(88) | (1n << 20n));
+  const fdw = openSync(img, 'r+');
+  writeSync(fdw, poked, 0, 8, 88);
+  closeSync(fdw);
+  // Read-only: the bitmap clusters are accounted for, so our check finds nothing.
+  const ro = await openQcow2Chain(img, { readOnly: true });
+  const roCheck = await ro.check();
+  assert.deepEqual([roCheck.leaks, roCheck.corruptions], [0, 0], roCheck.messages.join('\n'));
+  await ro.close();
+  assert.equal(hdr().readBigUInt64BE(88), before.readBigUInt64BE(88) | (1n << 20n), 'a read-only open changes nothing');
+  const rw = await openQcow2Chain(img);
+  await rw.pwrite(Buffer.alloc(512, 0x23), 3 * MiB);
+  await rw.close();
+  const after = hdr();
+  assert.equal(after.readBigUInt64BE(88), 0n, 'autoclear bits cleared');
+  // The extension area (everything past the autoclear field) is byte-identical.
+  assert.ok(after.subarray(96, 4096).equals(before.subarray(96, 4096)), 'header extensions untouched');
+  // QEMU now treats the bitmaps as inconsistent: at worst leaks, never corruption.
+  const chk = await qemuCheck(img);
+  assert.equal(chk.json['check-errors'], 0);
+  assert.equal(chk.json.corruptions ?? 0, 0, JSON.stringify(chk.json));
+  await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x23 3M 512', '-c', 'read -P 0x21 0 2M', img]);
+});
+
+test('qcow2: the default format registry probes qcow2 and opens its backing chain', async (t) => {
+  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+  const { openImageWithFormat } = await import('../../src/formats/open.js');
+  const dir = tempDir(t);
+  const base = join(dir, 'base.raw');
+  await runOk('qemu-img', ['create', '-q', '-f', 'raw', base, String(2 * MiB)]);
+  await qemuIo(base, ['write -P 0x71 0 2M'], 'raw');
+  const top = join(dir, 'top.qcow2');
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', top, String(4 * MiB)]);
+  await qemuIo(top, ['write -P 0x72 1M 4k']);
+  const r = await openImageWithFormat(top, { readOnly: true });
+  t.after(() => r.device.close());
+  assert.equal(r.format, 'qcow2');
+  assert.ok((await readAll(r.device)).equals(await qemuContent(dir, top)));
 });
