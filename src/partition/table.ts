@@ -3,7 +3,7 @@
 // "the GPT partition named root" (the spec's `IMAGE:1` / `IMAGE:name=root`).
 
 import type { BlockDevice } from '../block/device.js';
-import { ImgbdError } from '../errors.js';
+import { UsageError } from '../errors.js';
 import { readGpt } from './gpt.js';
 import { classifyMbr, readMbr } from './mbr.js';
 import { readRange, type Partition, type PartitionTable } from './types.js';
@@ -12,10 +12,14 @@ export type { Partition, PartitionTable, PartitionScheme } from './types.js';
 
 export type PartitionSelector = number | { readonly name: string };
 
-/** The selected partition does not exist (or is not a filesystem container); the message lists what does. */
-export class PartitionNotFoundError extends ImgbdError {
+/**
+ * The selected partition does not exist (or is an extended-partition container); the message
+ * lists what does. A usage error (the CLI exits 64: nothing was done) with its own code.
+ */
+export class PartitionNotFoundError extends UsageError {
   constructor(message: string) {
-    super('ERR_PARTITION_NOT_FOUND', message);
+    super(message);
+    (this as { code: string }).code = 'ERR_PARTITION_NOT_FOUND';
   }
 }
 
