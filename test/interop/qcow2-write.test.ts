@@ -215,3 +215,33 @@ test('qcow2 write: the refcount table grows (512-byte clusters, 64-bit refcounts
   const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', twin, img]);
   assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
 });
+
+for (const raw of [false, true]) {
+  test(`qcow2 external data file${raw ? ' (data_file_raw)' : ''}: reads and random writes match qemu-io`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const mk = async (name: string): Promise<string> => {
+      const img = join(dir, `${name}.qcow2`);
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `data_file=${join(dir, `${name}.data`)},data_file_raw=${raw ? 'on' : 'off'},cluster_size=16384`, img, String(16 * MiB)]);
+      await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x44 0 100k', '-c', 'write -z 1M 64k', '-c', 'write -P 0x45 3M 5000', img]);
+      return img;
+    };
+    const mine = await mk('mine');
+    const twin = await mk('twin');
+    const ro = await openQcow2Chain(mine, { readOnly: true });
+    assert.ok((await readAll(ro)).equals(await qemuContent(dir, mine)));
+    await ro.close();
+    const ops = randomOps(raw ? 31 : 32, 200, 16 * MiB, 16384);
+    const dev = await openQcow2Chain(mine);
+    for (const op of ops) {
+      if (op.kind === 'write') await dev.pwrite(Buffer.alloc(op.len, op.pattern), op.off);
+      else if (op.kind === 'zero') await dev.zero!(op.off, op.len, { mayTrim: op.mayTrim });
+      else await dev.trim!(op.off, op.len);
+    }
+    await dev.close();
+    await replay(twin, ops);
+    const cmp = await run('qemu-img', ['compare', twin, mine]);
+    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+    await assertClean(mine);
+  });
+}

@@ -94,7 +94,8 @@ async function countReferences(t: CheckTarget, fileSize: number): Promise<Count>
         try {
           const e = decodeL2Entry(g, table, j, Math.max(fileSize, t.state.fileEnd));
           if (e.compressed) inc(Math.floor(e.compressedOffset / 512) * 512, e.compressedBytes + (e.compressedOffset % 512), 'compressed cluster');
-          else if (e.hostOffset !== 0) inc(e.hostOffset, cs, 'data cluster');
+          // Clusters in an external data file are not refcounted.
+          else if (e.hasHost && !g.externalData) inc(e.hostOffset, cs, 'data cluster');
         } catch (err) {
           c.errors++;
           c.messages.push(`ERROR L2 table at ${l2} entry ${j}: ${(err as Error).message}`);

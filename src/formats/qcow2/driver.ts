@@ -13,7 +13,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError } from '../../errors.js';
-import type { HostFile } from '../../io/host-file.js';
+import { HostFile } from '../../io/host-file.js';
 import { decompressCluster } from './compress.js';
 import { checkQcow2, type CheckMode, type CheckResult, type CheckTarget } from './check.js';
 import {
@@ -60,6 +60,11 @@ export interface Qcow2OpenOptions {
   readonly backing?: BlockDevice | null;
   /** Opens the backing file named in the image (any format); the driver closes what it returns. */
   readonly openBacking?: (ref: BackingRef) => Promise<BlockDevice>;
+  /**
+   * Opens the external data file (incompatible bit 2). Default: the name from the header
+   * extension, resolved against the image's directory, opened like the image.
+   */
+  readonly openDataFile?: (ref: BackingRef, readOnly: boolean) => Promise<HostFile>;
   /** Bytes of L2 tables to cache (default 8 MiB). */
   readonly l2CacheBytes?: number;
   /** Bytes of refcount blocks to cache (default 1 MiB). */
@@ -101,6 +106,8 @@ export class Qcow2Device implements BlockDevice {
   readonly readOnly: boolean;
   readonly snapshots: readonly Qcow2Snapshot[];
   private readonly file: HostFile;
+  /** Where guest data lives: the image itself or its external data file. */
+  private readonly data: HostFile;
   private readonly backing: BlockDevice | null;
   private readonly state: ImageState;
   private readonly l1: Buffer;
@@ -118,6 +125,7 @@ export class Qcow2Device implements BlockDevice {
 
   private constructor(init: {
     file: HostFile;
+    dataFile: HostFile | null;
     header: Qcow2Header;
     readOnly: boolean;
     backing: BlockDevice | null;
@@ -131,11 +139,12 @@ export class Qcow2Device implements BlockDevice {
   }) {
     const h = init.header;
     this.file = init.file;
+    this.data = init.dataFile ?? init.file;
     this.header = h;
     this.sizeBytes = h.sizeBytes;
     this.readOnly = init.readOnly;
     this.backing = init.backing;
-    this.geometry = makeGeometry(h.clusterBits, (h.incompatibleFeatures & QCOW2_INCOMPAT.EXTL2) !== 0n, h.version);
+    this.geometry = makeGeometry(h.clusterBits, (h.incompatibleFeatures & QCOW2_INCOMPAT.EXTL2) !== 0n, h.version, init.dataFile !== null);
     this.state = { fileEnd: init.fileSize };
     this.l1 = init.l1;
     this.l1Offsets = init.l1Offsets;
@@ -183,9 +192,11 @@ export class Qcow2Device implements BlockDevice {
     if ((header.incompatibleFeatures & QCOW2_INCOMPAT.CORRUPT) !== 0n && !readOnly) {
       throw new UnsupportedImageError('qcow2: the image is marked corrupt; it can only be opened read-only');
     }
-    if ((header.incompatibleFeatures & QCOW2_INCOMPAT.DATA_FILE) !== 0n) {
-      throw new UnsupportedImageError(`qcow2: external data file ${JSON.stringify(header.dataFile ?? '')} is not supported yet`);
+    const hasDataFile = (header.incompatibleFeatures & QCOW2_INCOMPAT.DATA_FILE) !== 0n;
+    if (hasDataFile && header.dataFile === null && !opts.openDataFile) {
+      throw new UnsupportedImageError('qcow2: the image uses an external data file but names none');
     }
+    if (hasDataFile && header.nbSnapshots > 0) throw new CorruptImageError('qcow2: internal snapshots are not allowed with an external data file');
     const headerRange: Range = { what: 'header', start: 0, end: cs };
     const reftableRange: Range = { what: 'refcount table', start: header.refcountTableOffset, end: header.refcountTableOffset + header.refcountTableClusters * cs };
     const l1Range: Range = { what: 'L1 table', start: header.l1TableOffset, end: header.l1TableOffset + header.l1Size * 8 };
@@ -209,6 +220,12 @@ export class Qcow2Device implements BlockDevice {
       snapshotTableBytes = t.tableBytes;
     }
 
+    let dataFile: HostFile | null = null;
+    if (hasDataFile) {
+      const name = header.dataFile ?? '';
+      const ref = { fileName: name, format: 'raw', path: isAbsolute(name) ? name : resolve(dirname(file.path), name) };
+      dataFile = opts.openDataFile ? await opts.openDataFile(ref, readOnly) : await HostFile.open(ref.path, { readOnly });
+    }
     let backing: BlockDevice | null = null;
     if (opts.backing !== undefined) backing = opts.backing;
     else if (header.backingFile !== null) {
@@ -216,12 +233,13 @@ export class Qcow2Device implements BlockDevice {
       const path = isAbsolute(header.backingFile) ? header.backingFile : resolve(dirname(file.path), header.backingFile);
       backing = await opts.openBacking({ fileName: header.backingFile, format: header.backingFormat, path });
     }
-    const dev = new Qcow2Device({ file, header, readOnly, backing, fileSize, l1, l1Offsets, reftable, snapshots, snapshotTableBytes, opts });
+    const dev = new Qcow2Device({ file, dataFile, header, readOnly, backing, fileSize, l1, l1Offsets, reftable, snapshots, snapshotTableBytes, opts });
     if (!readOnly) {
       try {
         await dev.prepareWritable();
       } catch (err) {
         await backing?.close();
+        await dataFile?.close();
         throw err;
       }
     }
@@ -328,7 +346,12 @@ export class Qcow2Device implements BlockDevice {
     const table = await this.l2Table(l1Index);
     if (table === null) return UNALLOCATED_ENTRY;
     const e = decodeL2Entry(g, table, cluster % g.l2Entries, this.state.fileEnd);
-    if (!e.compressed && e.hostOffset !== 0) this.checkDataCluster(e.hostOffset, cluster);
+    if (e.hasHost) {
+      if (!g.externalData) this.checkDataCluster(e.hostOffset, cluster);
+      else if (e.hostOffset !== cluster * g.clusterSize) {
+        throw new CorruptImageError(`qcow2: guest cluster ${cluster} maps to data file offset ${e.hostOffset}, not its own offset`);
+      }
+    }
     return e;
   }
 
@@ -358,7 +381,7 @@ export class Qcow2Device implements BlockDevice {
     let runBuf = 0;
     let runLen = 0;
     const flushRun = (): void => {
-      if (runLen > 0) pending.push(this.file.pread(buf.subarray(runBuf, runBuf + runLen), runHost));
+      if (runLen > 0) pending.push(this.data.pread(buf.subarray(runBuf, runBuf + runLen), runHost));
       runLen = 0;
     };
     let done = 0;
@@ -452,7 +475,7 @@ export class Qcow2Device implements BlockDevice {
       const old = await this.entry(cluster);
       const touched = this.subMask(a, b);
       const p: ClusterPlan = { cluster, a, b, old, spanStart: a, spanEnd: b, newAlloc: old.alloc, newZero: old.zero, allocate: false, hostOffset: old.hostOffset, updateEntry: false };
-      if (!old.compressed && old.hostOffset !== 0 && old.copied) {
+      if (old.hasHost && (old.copied || g.externalData)) {
         if ((old.alloc & touched) >>> 0 !== touched) {
           // Subclusters (or a preallocated zero cluster) get data in place: pad to subclusters.
           p.spanStart = Math.floor(a / g.subclusterSize) * g.subclusterSize;
@@ -465,7 +488,7 @@ export class Qcow2Device implements BlockDevice {
         p.allocate = true;
         p.updateEntry = true;
         if (old.compressed) p.newAlloc = ALL_SUBCLUSTERS;
-        else if (old.hostOffset !== 0) p.newAlloc = (old.alloc | touched) >>> 0;
+        else if (old.hasHost) p.newAlloc = (old.alloc | touched) >>> 0;
         else p.newAlloc = touched;
         if (!g.extL2) p.newAlloc = 1;
         p.newZero = (old.zero & ~p.newAlloc) >>> 0;
@@ -484,7 +507,10 @@ export class Qcow2Device implements BlockDevice {
     }
 
     const toAllocate = plans.filter((p) => p.allocate);
-    if (toAllocate.length > 0) {
+    if (g.externalData) {
+      // "The offset field in the Standard Cluster Descriptor must match the guest offset."
+      for (const p of toAllocate) p.hostOffset = p.cluster * cs;
+    } else if (toAllocate.length > 0) {
       await this.metaLock.run(async () => {
         await this.markDirtyIfLazy();
         const base = await this.refcounts.allocate(toAllocate.length);
@@ -498,7 +524,7 @@ export class Qcow2Device implements BlockDevice {
       plans.map(async (p) => {
         const src = buf.subarray(p.cluster * cs + p.a - offset, p.cluster * cs + p.b - offset);
         if (p.spanStart === p.a && p.spanEnd === p.b) {
-          await this.file.pwrite(src, p.hostOffset + p.a);
+          await this.data.pwrite(src, p.hostOffset + p.a);
           return;
         }
         const span = Buffer.allocUnsafe(p.spanEnd - p.spanStart);
@@ -506,12 +532,12 @@ export class Qcow2Device implements BlockDevice {
         if (p.a > p.spanStart) await this.readGuest(span.subarray(0, p.a - p.spanStart), base);
         if (p.spanEnd > p.b) await this.readGuest(span.subarray(p.b - p.spanStart), p.cluster * cs + p.b);
         src.copy(span, p.a - p.spanStart);
-        await this.file.pwrite(span, p.hostOffset + p.spanStart);
+        await this.data.pwrite(span, p.hostOffset + p.spanStart);
       }),
     );
     const updates = plans.filter((p) => p.updateEntry);
     if (updates.length === 0) return;
-    if (toAllocate.length > 0 && !this.lazyRefcounts) await this.file.datasync();
+    if (toAllocate.length > 0 && !this.lazyRefcounts) await this.syncData();
     await this.metaLock.run(async () => {
       await this.writeEntries(updates.map((p) => ({ cluster: p.cluster, entry: { hostOffset: p.hostOffset, copied: true, alloc: p.newAlloc, zero: p.newZero } })));
       await this.releaseOld(toAllocate.map((p) => p.old));
@@ -520,7 +546,8 @@ export class Qcow2Device implements BlockDevice {
 
   /** Free the host storage of replaced entries, after their replacements are durable. */
   private async releaseOld(olds: readonly L2Entry[]): Promise<void> {
-    const victims = olds.filter((e) => e.compressed || e.hostOffset !== 0);
+    if (this.geometry.externalData) return;
+    const victims = olds.filter((e) => e.compressed || e.hasHost);
     if (victims.length === 0) return;
     if (!this.lazyRefcounts) await this.file.datasync();
     for (const e of victims) {
@@ -633,9 +660,9 @@ export class Qcow2Device implements BlockDevice {
         const e = await this.entry(c);
         const Z = this.subMask(zs, ze);
         const whole = Z === (g.extL2 ? ALL_SUBCLUSTERS : 1);
-        const keepHost = !e.compressed && e.hostOffset !== 0 && e.copied;
+        const keepHost = e.hasHost && (e.copied || g.externalData);
         if (!canFlag) {
-          const unallocated = !e.compressed && e.hostOffset === 0;
+          const unallocated = !e.compressed && !e.hasHost;
           if (this.backing === null && unallocated) continue;
           if (this.backing === null && whole && opts.mayTrim) {
             updates.push({ cluster: c, entry: { hostOffset: 0, copied: false, alloc: 0, zero: 0 } });
@@ -649,7 +676,7 @@ export class Qcow2Device implements BlockDevice {
             updates.push({ cluster: c, entry: { hostOffset: 0, copied: false, alloc: 0, zero: g.extL2 ? ALL_SUBCLUSTERS : 1 } });
             olds.push(e);
           }
-        } else if (keepHost || (!e.compressed && e.hostOffset === 0)) {
+        } else if (keepHost || (!e.compressed && !e.hasHost)) {
           updates.push({ cluster: c, entry: { hostOffset: e.hostOffset, copied: keepHost, alloc: (e.alloc & ~Z) >>> 0, zero: (e.zero | Z) >>> 0 } });
         } else slow.push({ offset: c * cs + zs, length: Math.min(ze, virtEnd) - zs });
       }
@@ -688,7 +715,7 @@ export class Qcow2Device implements BlockDevice {
         // Like QEMU, only whole clusters are discarded (the disk's end closes the last one).
         if (a !== 0 || (b !== cs && c * cs + b !== this.sizeBytes)) continue;
         const e = await this.entry(c);
-        const allocated = e.compressed || e.hostOffset !== 0;
+        const allocated = e.compressed || e.hasHost;
         // Discarded clusters read as zeros rather than exposing backing data, as QEMU does.
         let zero = 0;
         if (this.backing !== null || allocated) zero = g.extL2 ? ALL_SUBCLUSTERS : g.zeroFlag ? 1 : 0;
@@ -707,6 +734,12 @@ export class Qcow2Device implements BlockDevice {
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
+    await this.syncData();
+  }
+
+  /** Data file first: metadata must never reach the disk ahead of the data it describes. */
+  private async syncData(): Promise<void> {
+    if (this.data !== this.file) await this.data.datasync();
     await this.file.datasync();
   }
 
@@ -819,12 +852,13 @@ export class Qcow2Device implements BlockDevice {
     this.closed = true;
     try {
       if (!this.readOnly) {
-        await this.file.datasync();
+        await this.syncData();
         // Clean shutdown: refcounts are complete, so a lazy-refcount image is consistent again.
         if (this.dirty && this.lazyRefcounts) await this.setIncompatibleBit(QCOW2_INCOMPAT.DIRTY, false);
       }
     } finally {
       await this.file.close();
+      if (this.data !== this.file) await this.data.close();
       await this.backing?.close();
     }
   }

@@ -25,9 +25,11 @@ export interface Qcow2Geometry {
   readonly subclusters: number;
   /** Version 3 without extended L2 has the zero flag in bit 0. */
   readonly zeroFlag: boolean;
+  /** Guest data lives in an external data file at host offset = guest offset, unrefcounted. */
+  readonly externalData: boolean;
 }
 
-export function makeGeometry(clusterBits: number, extL2: boolean, version: 2 | 3): Qcow2Geometry {
+export function makeGeometry(clusterBits: number, extL2: boolean, version: 2 | 3, externalData = false): Qcow2Geometry {
   const clusterSize = 2 ** clusterBits;
   const l2EntryBytes = extL2 ? 16 : 8;
   const subclusterBits = extL2 ? clusterBits - 5 : clusterBits;
@@ -41,6 +43,7 @@ export function makeGeometry(clusterBits: number, extL2: boolean, version: 2 | 3
     subclusterSize: 2 ** subclusterBits,
     subclusters: extL2 ? 32 : 1,
     zeroFlag: version === 3 && !extL2,
+    externalData,
   };
 }
 
@@ -73,8 +76,10 @@ export function encodeL1Entry(table: Buffer, index: number, l2Offset: number, co
 
 export interface L2Entry {
   readonly compressed: boolean;
-  /** Normal clusters: host cluster offset, 0 if none. */
+  /** Normal clusters: host cluster offset (0 if none, unless an external data file maps guest cluster 0). */
   readonly hostOffset: number;
+  /** The entry names a host cluster (with an external data file, offset 0 plus COPIED does). */
+  readonly hasHost: boolean;
   readonly copied: boolean;
   /** Subclusters allocated at hostOffset (standard: bit 0 for the whole cluster). */
   readonly alloc: number;
@@ -85,7 +90,7 @@ export interface L2Entry {
   readonly compressedBytes: number;
 }
 
-export const UNALLOCATED_ENTRY: L2Entry = { compressed: false, hostOffset: 0, copied: false, alloc: 0, zero: 0, compressedOffset: 0, compressedBytes: 0 };
+export const UNALLOCATED_ENTRY: L2Entry = { compressed: false, hostOffset: 0, hasHost: false, copied: false, alloc: 0, zero: 0, compressedOffset: 0, compressedBytes: 0 };
 
 /** Decode entry `index` of an L2 table; `fileEnd` bounds compressed data. */
 export function decodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, fileEnd: number): L2Entry {
@@ -94,6 +99,7 @@ export function decodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, fi
   const lo = table.readUInt32BE(pos + 4);
   const copied = hi >>> 31 === 1;
   if ((hi & 0x40000000) !== 0) {
+    if (g.externalData) throw new CorruptImageError(`qcow2: L2 entry ${index} is compressed, which an external data file does not allow`);
     if (g.extL2 && (table.readUInt32BE(pos + 8) | table.readUInt32BE(pos + 12)) !== 0) {
       throw new CorruptImageError(`qcow2: compressed L2 entry ${index} has a non-zero subcluster bitmap`);
     }
@@ -107,10 +113,13 @@ export function decodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, fi
     if (offset < g.clusterSize || offset + bytes > Math.ceil(fileEnd / 512) * 512) {
       throw new CorruptImageError(`qcow2: compressed cluster at ${offset} (+${bytes} bytes) is outside the image file`);
     }
-    return { compressed: true, hostOffset: 0, copied, alloc: 0, zero: 0, compressedOffset: offset, compressedBytes: bytes };
+    return { compressed: true, hostOffset: 0, hasHost: false, copied, alloc: 0, zero: 0, compressedOffset: offset, compressedBytes: bytes };
   }
   if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) throw new CorruptImageError(`qcow2: L2 entry ${index} has reserved bits set`);
   const hostOffset = (hi & 0x00ffffff) * 0x1_0000_0000 + ((lo & 0xfffffe00) >>> 0);
+  // "The offset may only be 0 with bit 63 set (indicating a host cluster offset of 0) when an
+  // external data file is used."
+  const hasHost = hostOffset !== 0 || (g.externalData && copied);
   if (hostOffset % g.clusterSize !== 0) throw new CorruptImageError(`qcow2: L2 entry ${index} points to unaligned host offset ${hostOffset}`);
   let alloc: number;
   let zero: number;
@@ -119,33 +128,34 @@ export function decodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, fi
     zero = table.readUInt32BE(pos + 8);
     alloc = table.readUInt32BE(pos + 12);
     if ((alloc & zero) !== 0) throw new CorruptImageError(`qcow2: extended L2 entry ${index} marks subclusters both allocated and zero`);
-    if (alloc !== 0 && hostOffset === 0) throw new CorruptImageError(`qcow2: extended L2 entry ${index} has allocated subclusters but no host offset`);
+    if (alloc !== 0 && !hasHost) throw new CorruptImageError(`qcow2: extended L2 entry ${index} has allocated subclusters but no host offset`);
   } else {
     zero = (lo & 1) !== 0 && g.zeroFlag ? 1 : 0;
     if ((lo & 1) !== 0 && !g.zeroFlag) throw new CorruptImageError(`qcow2: L2 entry ${index} has the zero flag set in a version 2 image`);
-    alloc = hostOffset !== 0 && zero === 0 ? 1 : 0;
+    alloc = hasHost && zero === 0 ? 1 : 0;
   }
-  if (hostOffset !== 0 && (hostOffset < g.clusterSize || hostOffset >= fileEnd)) {
+  if (!g.externalData && hostOffset !== 0 && (hostOffset < g.clusterSize || hostOffset >= fileEnd)) {
     throw new CorruptImageError(`qcow2: L2 entry ${index} points to host offset ${hostOffset} outside the image file`);
   }
-  return { compressed: false, hostOffset, copied, alloc: alloc >>> 0, zero: zero >>> 0, compressedOffset: 0, compressedBytes: 0 };
+  return { compressed: false, hostOffset, hasHost, copied, alloc: alloc >>> 0, zero: zero >>> 0, compressedOffset: 0, compressedBytes: 0 };
 }
 
 /** Encode a normal (non-compressed) entry. */
 export function encodeL2Entry(g: Qcow2Geometry, table: Buffer, index: number, e: { hostOffset: number; copied: boolean; alloc: number; zero: number }): void {
   const pos = index * g.l2EntryBytes;
   const hostOffset = e.hostOffset;
+  const hasHost = hostOffset !== 0 || (g.externalData && e.copied);
   let low = 0;
   if (!g.extL2) {
     if (e.zero !== 0) {
       if (!g.zeroFlag) throw new RangeError('qcow2: zero clusters need version 3');
       low = 1;
-    } else if (e.alloc === 0 && hostOffset !== 0) {
+    } else if (e.alloc === 0 && hasHost) {
       throw new RangeError('qcow2: a standard L2 entry cannot keep an offset without data');
     }
   }
-  if (hostOffset === 0 && e.alloc !== 0) throw new RangeError('qcow2: allocated entry without host offset');
-  const copied = e.copied && hostOffset !== 0;
+  if (!hasHost && e.alloc !== 0) throw new RangeError('qcow2: allocated entry without host offset');
+  const copied = e.copied && hasHost;
   table.writeUInt32BE(((copied ? 0x80000000 : 0) | Math.floor(hostOffset / 0x1_0000_0000)) >>> 0, pos);
   table.writeUInt32BE(((hostOffset % 0x1_0000_0000) | low) >>> 0, pos + 4);
   if (g.extL2) {
