@@ -1,6 +1,6 @@
 // Filesystem detection by superblock magic, so a partition can be mounted with an explicit
-// type. Reads are bounded: the first 4 KiB, 4 KiB at 64 KiB (btrfs) and 10 bytes at the end of
-// each possible swap page; nothing else. Like blkid (and mount, which refuses an "ambivalent"
+// type. Reads are bounded: the first 4 KiB, 4 KiB at 64 KiB (btrfs), 10 bytes at the end of
+// each possible swap page, and for FAT the root directory (bounded in vfat-label.ts). Like blkid (and mount, which refuses an "ambivalent"
 // device), two different signatures on one volume are an error rather than a guess.
 
 import type { BlockDevice } from '../block/device.js';
@@ -13,6 +13,7 @@ import { probeSquashfs } from './squashfs.js';
 import { probeSwap, SWAP_PAGE_SIZES } from './swap.js';
 import { UNMOUNTABLE_TYPES, type ProbeResult } from './types.js';
 import { probeVfat } from './vfat.js';
+import { readFatRootLabel } from './vfat-label.js';
 import { probeXfs } from './xfs.js';
 
 export type { FilesystemType, ProbeResult } from './types.js';
@@ -42,7 +43,13 @@ export async function probeFilesystem(dev: BlockDevice): Promise<ProbeResult | n
   add(probeExt(head));
   add(probeSquashfs(head));
   add(probeErofs(head));
-  add(probeVfat(head));
+  const vfat = probeVfat(head);
+  if (vfat) {
+    // blkid's LABEL is the root directory entry; the boot sector copy may be stale.
+    const { label: _bootLabel, ...rest } = vfat;
+    const label = await readFatRootLabel(dev, head);
+    add(label === undefined ? rest : { ...rest, label });
+  }
   if (dev.sizeBytes >= BTRFS_SUPER_OFFSET + BTRFS_SUPER_BYTES) {
     add(probeBtrfs(await readClamped(dev, BTRFS_SUPER_OFFSET, BTRFS_SUPER_BYTES)));
   }

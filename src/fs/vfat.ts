@@ -27,11 +27,19 @@ function isPowerOfTwo(n: number): boolean {
   return n > 0 && (n & (n - 1)) === 0;
 }
 
-interface Bpb {
+export interface Bpb {
   readonly version: 'FAT12' | 'FAT16' | 'FAT32';
+  readonly sectorSize: number;
+  readonly clusterSectors: number;
+  readonly reservedSectors: number;
+  readonly fats: number;
+  readonly fatSectors: number;
+  readonly rootEntries: number;
+  /** FAT32: first cluster of the root directory. */
+  readonly rootCluster: number;
 }
 
-function decodeBpb(bs: Buffer): Bpb | null {
+export function decodeBpb(bs: Buffer): Bpb | null {
   if (bs.length < 512) return null;
   const sectorSize = bs.readUInt16LE(0x0b);
   const clusterSectors = bs[0x0d];
@@ -56,7 +64,16 @@ function decodeBpb(bs: Buffer): Bpb | null {
   const clusters = Math.floor(dataSectors / clusterSectors);
   if (clusters > FAT32_MAX_CLUSTERS) return null;
   const version = fat16Length === 0 ? 'FAT32' : clusters < FAT12_MAX_CLUSTERS ? 'FAT12' : 'FAT16';
-  return { version };
+  return {
+    version,
+    sectorSize,
+    clusterSectors,
+    reservedSectors: reserved,
+    fats,
+    fatSectors: fatLength,
+    rootEntries: dirEntries,
+    rootCluster: bs.readUInt32LE(0x2c),
+  };
 }
 
 function hasFatMagic(bs: Buffer): boolean {
@@ -73,12 +90,15 @@ export function looksLikeFatBootSector(bs: Buffer): boolean {
   return bs.length >= 512 && hasFatMagic(bs) && decodeBpb(bs) !== null;
 }
 
-function fatLabel(raw: string): string | undefined {
+export function fatLabel(raw: string): string | undefined {
   const label = raw.replace(/[ \0]+$/, '');
   return label === '' || label === 'NO NAME' ? undefined : label;
 }
 
-/** Probe a FAT volume from its first sector. */
+/**
+ * Probe a FAT volume from its first sector. The label here is the boot sector's; blkid's LABEL
+ * is the root directory's volume-label entry, which vfat-label.ts reads (probe.ts applies it).
+ */
 export function probeVfat(head: Buffer): ProbeResult | null {
   if (!looksLikeFatBootSector(head)) return null;
   const bpb = decodeBpb(head)!;

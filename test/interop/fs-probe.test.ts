@@ -4,7 +4,7 @@
 
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, openSync, closeSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { DEFAULT_BLOCK_SIZES, type BlockDevice } from '../../src/block/device.js';
 import { offsetFilter } from '../../src/block/filters/offset.js';
@@ -59,6 +59,22 @@ const cases: Case[] = [
   { name: 'vfat FAT12', peers: ['mkfs.vfat'], sizeMiB: 4, mountable: true, make: (fs) => runOk('mkfs.vfat', ['-F', '12', '-n', 'SMALL', fs]) },
   { name: 'vfat FAT16', peers: ['mkfs.vfat'], sizeMiB: 64, mountable: true, make: (fs) => runOk('mkfs.vfat', ['-F', '16', fs]) },
   { name: 'vfat FAT32', peers: ['mkfs.vfat'], sizeMiB: 64, mountable: true, make: (fs) => runOk('mkfs.vfat', ['-F', '32', '-n', 'EFI', fs]) },
+  {
+    name: 'vfat whose label entry was deleted (boot sector label stale)',
+    peers: ['mkfs.vfat'],
+    sizeMiB: 16,
+    mountable: true,
+    make: async (fs) => {
+      await runOk('mkfs.vfat', ['-F', '16', '-n', 'STALE', fs]);
+      // Root directory of FAT16: after the reserved sectors and the FATs (BPB at 0x0B..0x17).
+      const fd = openSync(fs, 'r+');
+      const bs = Buffer.alloc(512);
+      readSync(fd, bs, 0, 512, 0);
+      const root = (bs.readUInt16LE(0x0e) + bs[0x10] * bs.readUInt16LE(0x16)) * bs.readUInt16LE(0x0b);
+      writeSync(fd, Buffer.from([0xe5]), 0, 1, root);
+      closeSync(fd);
+    },
+  },
   { name: 'squashfs', peers: ['mksquashfs'], sizeMiB: 0, mountable: true, make: (fs, src) => runOk('mksquashfs', [src, fs, '-noappend', '-quiet', '-no-progress']) },
   { name: 'erofs', peers: ['mkfs.erofs'], sizeMiB: 0, mountable: true, make: (fs, src) => runOk('mkfs.erofs', ['--quiet', '-U', '11111111-2222-3333-4444-555555555555', fs, src]) },
   { name: 'swap', peers: ['mkswap'], sizeMiB: 16, mountable: false, make: (fs) => runOk('mkswap', ['-L', 'swp', fs]) },

@@ -107,8 +107,18 @@ test('btrfs: magic at 64 KiB + 0x40 with its own bytenr', async () => {
   assert.equal(await probeFilesystem(memDevice(img)), null);
 });
 
+function dirEntry(img: Buffer, at: number, name: string, attr: number, cluster = 0): void {
+  img.write(name.padEnd(11, ' '), at, 'latin1');
+  img[at + 0x0b] = attr;
+  img.writeUInt16LE(cluster, at + 0x1a);
+}
+
+/**
+ * FAT16: 4 reserved sectors, 2 FATs of 40 sectors, root directory at sector 84 (byte 43008).
+ * FAT32: 32 reserved, 2 FATs of 64 sectors, 1 sector per cluster, root cluster 3 → sector 161.
+ */
 function fat(fat32: boolean): Buffer {
-  const img = Buffer.alloc(fat32 ? 1 << 20 : 1 << 20);
+  const img = Buffer.alloc(8 << 20);
   img.set([0xeb, 0x58, 0x90], 0);
   img.write('mkfs.fat', 3, 'latin1');
   img.writeUInt16LE(512, 0x0b);
@@ -119,7 +129,8 @@ function fat(fat32: boolean): Buffer {
   img[0x15] = 0xf8;
   if (fat32) {
     img.writeUInt32LE(532480, 0x20); // 260 MiB of sectors
-    img.writeUInt32LE(4096, 0x24);
+    img.writeUInt32LE(64, 0x24);
+    img.writeUInt32LE(3, 0x2c);
     img[0x42] = 0x29;
     img.writeUInt32LE(0x1234abcd, 0x43);
     img.write('BOOT       ', 0x47, 'latin1');
@@ -137,9 +148,34 @@ function fat(fat32: boolean): Buffer {
   return img;
 }
 
-test('vfat: FAT16 and FAT32 boot sectors, volume id as XXXX-XXXX, "NO NAME" is no label', async () => {
+test('vfat: FAT16 and FAT32 boot sectors, volume id as XXXX-XXXX, label from the root directory', async () => {
+  // No volume-label entry: no label, whatever the boot sector says (blkid's LABEL_FATBOOT only).
   assert.deepEqual(await probeFilesystem(memDevice(fat(false))), { type: 'vfat', version: 'FAT16', uuid: 'DEAD-BEEF' });
-  assert.deepEqual(await probeFilesystem(memDevice(fat(true))), { type: 'vfat', version: 'FAT32', uuid: '1234-ABCD', label: 'BOOT' });
+  assert.deepEqual(await probeFilesystem(memDevice(fat(true))), { type: 'vfat', version: 'FAT32', uuid: '1234-ABCD' });
+
+  const f16 = fat(false);
+  const root16 = 84 * 512;
+  dirEntry(f16, root16, 'OLDLABEL', 0x08 | 0x20);
+  f16[root16] = 0xe5; // deleted
+  dirEntry(f16, root16 + 32, 'Ab', 0x0f); // long-name fragment
+  dirEntry(f16, root16 + 64, 'HELLO   TXT', 0x20, 5);
+  dirEntry(f16, root16 + 96, '\x05DATA', 0x08);
+  assert.equal((await probeFilesystem(memDevice(f16)))?.label, '\u00e5DATA');
+
+  // FAT32: the root directory spans clusters 3 → 7 (chained through the FAT); the label is in 7.
+  const f32 = fat(true);
+  const fatAt = 32 * 512;
+  const cluster = (n: number) => (32 + 2 * 64 + (n - 2)) * 512;
+  f32.writeUInt32LE(7, fatAt + 3 * 4);
+  f32.writeUInt32LE(0x0fffffff, fatAt + 7 * 4);
+  for (let i = 0; i < 16; i++) dirEntry(f32, cluster(3) + i * 32, `FILE${i}`, 0x20, 9 + i);
+  dirEntry(f32, cluster(7), 'EFI', 0x08);
+  assert.equal((await probeFilesystem(memDevice(f32)))?.label, 'EFI');
+  // A chain looping back on itself ends the search.
+  f32.writeUInt32LE(3, fatAt + 7 * 4);
+  for (let i = 0; i < 16; i++) dirEntry(f32, cluster(7) + i * 32, `MORE${i}`, 0x20, 30 + i);
+  assert.equal((await probeFilesystem(memDevice(f32)))?.label, undefined);
+
   for (const [at, v] of [[0x10, 0], [0x15, 0x12], [0x0d, 3], [0x0b, 0x01]] as const) {
     const img = fat(false);
     img[at] = v;
@@ -239,7 +275,7 @@ test('random bytes with planted magics: a result, null or CorruptImageError, wit
           if (!(e instanceof CorruptImageError)) throw e;
         }
         const total = dev.reads.reduce((n, [, len]) => n + len, 0);
-        assert.ok(total <= 4096 + 4096 + 5 * 10, `read ${total} bytes`);
+        assert.ok(total <= 4096 + 4096 + 5 * 10 + 1024 * 1024 + 100 * 4, `read ${total} bytes`);
       },
     ),
     { numRuns: 500 },
