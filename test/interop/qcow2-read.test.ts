@@ -2,7 +2,7 @@
 // extents agree with `qemu-img map` on which ranges hold data.
 
 import assert from 'node:assert/strict';
-import { copyFileSync, openSync, readSync, closeSync, writeFileSync, writeSync } from 'node:fs';
+import { copyFileSync, openSync, readFileSync, readSync, closeSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../../src/block/device.js';
@@ -195,6 +195,16 @@ test('qcow2 read: an image with an internal snapshot lists it and reads the acti
   closeSync(fd);
   assert.ok(first.subarray(0, MiB).equals(Buffer.alloc(MiB, 0x41)));
   assert.ok(first.subarray(MiB).equals(Buffer.alloc(MiB)));
+  // Each snapshot served read-only reads like qemu-img's view of it.
+  for (const [sel, name] of [['first', 'first'], ['2', 'second']]) {
+    const snapDev = await openQcow2Chain(img, { snapshot: sel });
+    assert.equal(snapDev.capabilities().writable, false);
+    const out = join(dir, `${name}-full.raw`);
+    await runOk('qemu-img', ['convert', '-O', 'raw', '-l', `snapshot.name=${name}`, img, out]);
+    assert.ok((await readAll(snapDev)).equals(readFileSync(out)), `snapshot ${sel}`);
+    await snapDev.close();
+  }
+  await assert.rejects(openQcow2Chain(img, { snapshot: 'nope', readOnly: true }), /no snapshot "nope"/);
 });
 
 test('qcow2 read: lazy refcounts left dirty by a killed qemu-io are read, then repaired on a writable open', async (t) => {

@@ -12,12 +12,14 @@
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
-import { CorruptImageError, RequestError, UnsupportedImageError } from '../../errors.js';
+import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
 import { decompressCluster } from './compress.js';
 import { checkQcow2, type CheckMode, type CheckResult, type CheckTarget } from './check.js';
 import {
   decodeQcow2Header,
+  l1EntriesFor,
+  l2EntryBytes,
   QCOW2_COMPAT_LAZY_REFCOUNTS,
   QCOW2_HDR,
   QCOW2_INCOMPAT,
@@ -65,6 +67,8 @@ export interface Qcow2OpenOptions {
    * extension, resolved against the image's directory, opened like the image.
    */
   readonly openDataFile?: (ref: BackingRef, readOnly: boolean) => Promise<HostFile>;
+  /** Serve this internal snapshot (by id, else by name) read-only instead of the active state. */
+  readonly snapshot?: string;
   /** Bytes of L2 tables to cache (default 8 MiB). */
   readonly l2CacheBytes?: number;
   /** Bytes of refcount blocks to cache (default 1 MiB). */
@@ -122,10 +126,15 @@ export class Qcow2Device implements BlockDevice {
   private readonly snapshotTableBytes: number;
   private readonly zeroCluster: Buffer;
   private closed = false;
+  /** The snapshot served instead of the active state, if any. */
+  readonly servedSnapshot: Qcow2Snapshot | null;
 
   private constructor(init: {
     file: HostFile;
     dataFile: HostFile | null;
+    sizeBytes: number;
+    l1TableOffset: number;
+    snapshot: Qcow2Snapshot | null;
     header: Qcow2Header;
     readOnly: boolean;
     backing: BlockDevice | null;
@@ -141,14 +150,15 @@ export class Qcow2Device implements BlockDevice {
     this.file = init.file;
     this.data = init.dataFile ?? init.file;
     this.header = h;
-    this.sizeBytes = h.sizeBytes;
+    this.sizeBytes = init.sizeBytes;
+    this.servedSnapshot = init.snapshot;
     this.readOnly = init.readOnly;
     this.backing = init.backing;
     this.geometry = makeGeometry(h.clusterBits, (h.incompatibleFeatures & QCOW2_INCOMPAT.EXTL2) !== 0n, h.version, init.dataFile !== null);
     this.state = { fileEnd: init.fileSize };
     this.l1 = init.l1;
     this.l1Offsets = init.l1Offsets;
-    this.l1TableOffset = h.l1TableOffset;
+    this.l1TableOffset = init.l1TableOffset;
     this.snapshots = init.snapshots;
     this.snapshotTableBytes = init.snapshotTableBytes;
     this.lazyRefcounts = (h.compatibleFeatures & QCOW2_COMPAT_LAZY_REFCOUNTS) !== 0n;
@@ -179,7 +189,7 @@ export class Qcow2Device implements BlockDevice {
 
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
   static async open(file: HostFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Device> {
-    const readOnly = opts.readOnly ?? file.readOnly;
+    const readOnly = opts.snapshot !== undefined ? true : (opts.readOnly ?? file.readOnly);
     const fileSize = await file.size();
     const probe = Buffer.alloc(Math.min(512, Math.max(fileSize, 0)));
     await file.pread(probe, 0);
@@ -201,17 +211,6 @@ export class Qcow2Device implements BlockDevice {
     const reftableRange: Range = { what: 'refcount table', start: header.refcountTableOffset, end: header.refcountTableOffset + header.refcountTableClusters * cs };
     const l1Range: Range = { what: 'L1 table', start: header.l1TableOffset, end: header.l1TableOffset + header.l1Size * 8 };
 
-    const l1 = Buffer.alloc(header.l1Size * 8);
-    await file.pread(l1, header.l1TableOffset);
-    const l1Offsets = new Array<number>(header.l1Size);
-    for (let i = 0; i < header.l1Size; i++) {
-      const e = decodeL1Entry(l1, i);
-      if (e.l2Offset !== 0) validateTableCluster(`L2 table ${i}`, e.l2Offset, cs, fileSize, [headerRange, l1Range, reftableRange]);
-      l1Offsets[i] = e.l2Offset;
-    }
-    const rtBuf = Buffer.alloc(header.refcountTableClusters * cs);
-    await file.pread(rtBuf, header.refcountTableOffset);
-    const reftable = decodeReftable(rtBuf, cs, fileSize, [headerRange, l1Range, reftableRange]);
     let snapshots: Qcow2Snapshot[] = [];
     let snapshotTableBytes = 0;
     if (header.nbSnapshots > 0) {
@@ -219,6 +218,28 @@ export class Qcow2Device implements BlockDevice {
       snapshots = t.snapshots;
       snapshotTableBytes = t.tableBytes;
     }
+    let served: Qcow2Snapshot | null = null;
+    if (opts.snapshot !== undefined) {
+      if (opts.readOnly === false) throw new UsageError('qcow2: a snapshot can only be served read-only');
+      served = snapshots.find((sn) => sn.id === opts.snapshot) ?? snapshots.find((sn) => sn.name === opts.snapshot) ?? null;
+      if (served === null) throw new UsageError(`qcow2: no snapshot ${JSON.stringify(opts.snapshot)} in the image`);
+    }
+    const l1Size = served ? served.l1Size : header.l1Size;
+    const l1TableOffset = served ? served.l1TableOffset : header.l1TableOffset;
+    const sizeBytes = served ? (served.diskSizeBytes ?? header.sizeBytes) : header.sizeBytes;
+    if (served && l1Size < l1EntriesFor(sizeBytes, header.clusterBits, l2EntryBytes(header))) throw new CorruptImageError(`qcow2: snapshot ${served.id} L1 table is too small for its disk size`);
+    const tableRange: Range = { what: 'L1 table', start: l1TableOffset, end: l1TableOffset + l1Size * 8 };
+    const l1 = Buffer.alloc(l1Size * 8);
+    await file.pread(l1, l1TableOffset);
+    const l1Offsets = new Array<number>(l1Size);
+    for (let i = 0; i < l1Size; i++) {
+      const e = decodeL1Entry(l1, i);
+      if (e.l2Offset !== 0) validateTableCluster(`L2 table ${i}`, e.l2Offset, cs, fileSize, [headerRange, tableRange, reftableRange]);
+      l1Offsets[i] = e.l2Offset;
+    }
+    const rtBuf = Buffer.alloc(header.refcountTableClusters * cs);
+    await file.pread(rtBuf, header.refcountTableOffset);
+    const reftable = decodeReftable(rtBuf, cs, fileSize, [headerRange, l1Range, reftableRange]);
 
     let dataFile: HostFile | null = null;
     if (hasDataFile) {
@@ -233,7 +254,7 @@ export class Qcow2Device implements BlockDevice {
       const path = isAbsolute(header.backingFile) ? header.backingFile : resolve(dirname(file.path), header.backingFile);
       backing = await opts.openBacking({ fileName: header.backingFile, format: header.backingFormat, path });
     }
-    const dev = new Qcow2Device({ file, dataFile, header, readOnly, backing, fileSize, l1, l1Offsets, reftable, snapshots, snapshotTableBytes, opts });
+    const dev = new Qcow2Device({ file, dataFile, sizeBytes, l1TableOffset, snapshot: served, header, readOnly, backing, fileSize, l1, l1Offsets, reftable, snapshots, snapshotTableBytes, opts });
     if (!readOnly) {
       try {
         await dev.prepareWritable();
@@ -303,6 +324,7 @@ export class Qcow2Device implements BlockDevice {
 
   /** Check refcount consistency (and repair per `mode`), like `qemu-img check`. */
   async check(mode: CheckMode = 'none'): Promise<CheckResult> {
+    if (this.servedSnapshot !== null) throw new UsageError('qcow2: check the image, not a snapshot opened from it');
     if (mode !== 'none') this.assertWritable();
     return this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () => this.metaLock.run(() => checkQcow2(this.checkTarget(), mode)));
   }
