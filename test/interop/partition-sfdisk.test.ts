@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { DEFAULT_BLOCK_SIZES, type BlockDevice } from '../../src/block/device.js';
 import { HostFile } from '../../src/io/host-file.js';
 import { findPartition, readPartitions, type Partition } from '../../src/partition/table.js';
-import { requirePeers, runOk, tempDir } from '../helpers/peers.js';
+import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
 
 async function openDevice(t: TestContext, path: string): Promise<BlockDevice> {
   const f = await HostFile.open(path, { readOnly: true });
@@ -181,4 +181,23 @@ test('a whole-disk FAT filesystem (mkfs.vfat, no table) is not mistaken for an M
   const blkid = await runOk('blkid', ['-p', '-o', 'export', path]);
   assert.doesNotMatch(blkid, /PTTYPE/);
   assert.equal((await readPartitions(await openDevice(t, path))).scheme, 'none');
+});
+
+test('a GPT disk grown after partitioning (backup header no longer at the end) reads with a warning, like sfdisk', async (t) => {
+  if (!requirePeers(t, 'sfdisk')) return;
+  const path = await makeImage(t, GPT_SCRIPT);
+  await runOk('truncate', ['-s', '+16M', path]);
+  const dev = await openDevice(t, path);
+  await compareGpt(path, dev);
+  const { warnings } = await readPartitions(dev);
+  assert.deepEqual(warnings, ['the backup GPT header is at LBA 131071, not at the last LBA 163839']);
+});
+
+test('a GPT disk truncated after partitioning has no valid header left', async (t) => {
+  if (!requirePeers(t, 'sfdisk')) return;
+  const path = await makeImage(t, GPT_SCRIPT);
+  await runOk('truncate', ['-s', '32M', path]);
+  const sfdisk = await run('sfdisk', ['--json', path]);
+  assert.doesNotMatch(sfdisk.stdout, /"label": "gpt"/);
+  await assert.rejects(readPartitions(await openDevice(t, path)), /GPT: no valid header: primary \(LBA 1\): usable LBAs 2048\.\.131038 do not fit a 65536-sector device/);
 });
