@@ -158,6 +158,7 @@ export async function readMbr(dev: BlockDevice, sector0: Buffer, sectorBytes = 5
   let next = 5;
   let ebrCount = 0;
   const ebrSectors: Range[] = [];
+  const logicals: Range[] = [];
   // Linux walks every extended primary in slot order, numbering on from where the last stopped.
   for (const { entry: ext, number: extNumber } of extendeds) {
     const extStart = ext.startLba;
@@ -187,6 +188,7 @@ export async function readMbr(dev: BlockDevice, sector0: Buffer, sectorBytes = 5
           throw new CorruptImageError(`MBR: ${what} is not inside extended partition ${extNumber} (sectors ${extStart}-${extEnd - 1})`);
         }
         data.push({ what, start, end });
+        logicals.push({ what, start, end });
         partitions.push({
           number: next,
           startBytes: start * sectorBytes,
@@ -210,7 +212,8 @@ export async function readMbr(dev: BlockDevice, sector0: Buffer, sectorBytes = 5
     }
   }
   checkNoOverlap(data);
-  checkNoOverlap([...data.filter((r) => r.what.startsWith('logical')), ...ebrSectors]);
+  // A logical partition covering a later EBR would be rewritten by the filesystem inside it.
+  checkNoOverlap([...logicals, ...ebrSectors]);
 
   return {
     scheme: 'mbr',
