@@ -152,7 +152,7 @@ const corruptions: Mutation[] = [
     putSector(img, 26624, [{ type: 0x8e, start: 2048, sectors: 8192 }, { type: 0x05, start: 8192, sectors: 8192 }]);
   }, /loops back to sector 18432/],
   ['overlapping logicals', (img) => img.writeUInt32LE(4096 + 8192, 10240 * S + 0x1be + 12), /logical partition 6 .*overlaps logical partition 5/],
-  ['logical over the next EBR', (img) => img.writeUInt32LE(4096 + 2048 + 100, 10240 * S + 0x1be + 12), /overlaps/],
+  ['logical over the next EBR', (img) => img.writeUInt32LE(4096 + 2048 + 100, 10240 * S + 0x1be + 12), /the EBR at sector 18432 overlaps logical partition 5/],
 ];
 
 for (const [what, mutate, message] of corruptions) {
