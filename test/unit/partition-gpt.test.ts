@@ -8,6 +8,7 @@ import { gzipSync } from 'node:zlib';
 import fc from 'fast-check';
 import { DEFAULT_BLOCK_SIZES, type BlockDevice } from '../../src/block/device.js';
 import { CorruptImageError } from '../../src/errors.js';
+import { openPartition } from '../../src/partition/open.js';
 import { findPartition, PartitionNotFoundError, readPartitions } from '../../src/partition/table.js';
 import { crc32 } from '../../src/util/crc32.js';
 
@@ -152,6 +153,22 @@ test('findPartition by name and by number; missing or duplicate names list the t
   await assert.rejects(findPartition(dev, 2), /no partition 2/);
   const dup = memDevice(buildGpt({ entries: [...ENTRIES.slice(0, 2), { ...ENTRIES[2], name: 'root' }] }));
   await assert.rejects(findPartition(dup, { name: 'root' }), /2 partitions are named "root" \(3, 5\)/);
+});
+
+test('openPartition exposes the selected partition as a device of its own', async () => {
+  const img = buildGpt({ entries: ENTRIES });
+  img.write('first', 4096 * 512, 'latin1');
+  img.write('last!', 6144 * 512 - 5, 'latin1');
+  const { device, partition } = await openPartition(memDevice(img), { name: 'root' });
+  assert.equal(partition.number, 3);
+  assert.equal(device.sizeBytes, 2048 * 512);
+  const head = Buffer.alloc(5);
+  await device.pread(head, 0);
+  assert.equal(head.toString('latin1'), 'first');
+  await device.pread(head, device.sizeBytes - 5);
+  assert.equal(head.toString('latin1'), 'last!');
+  await assert.rejects(device.pread(Buffer.alloc(6), device.sizeBytes - 5));
+  await assert.rejects(openPartition(memDevice(img), 9), PartitionNotFoundError);
 });
 
 test('a corrupt primary header falls back to the backup and says so', async () => {
