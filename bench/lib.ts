@@ -1,0 +1,113 @@
+// Starting the servers under test and running the clients against them.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, openSync, closeSync, writeSync, statSync } from 'node:fs';
+import { randomFillSync } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import type { Row } from './rows.js';
+
+export type ServerKind = 'imgbd' | 'qemu-nbd' | 'qemu-nbd-io_uring' | 'nbdkit';
+
+export interface ServerHandle {
+  readonly uri: string;
+  stop(): Promise<void>;
+}
+
+export async function ensureRandomFile(path: string, sizeBytes: number): Promise<void> {
+  if (existsSync(path) && statSync(path).size === sizeBytes) return;
+  const fd = openSync(path, 'w');
+  const chunk = Buffer.allocUnsafe(8 * 1024 * 1024);
+  for (let off = 0; off < sizeBytes; off += chunk.length) {
+    randomFillSync(chunk);
+    writeSync(fd, chunk, 0, Math.min(chunk.length, sizeBytes - off), off);
+  }
+  closeSync(fd);
+}
+
+function commandFor(kind: ServerKind, image: string, socket: string): [string, string[]] {
+  switch (kind) {
+    case 'imgbd':
+      return [process.execPath, [resolve('dist/src/cli/main.js'), 'serve', '-f', 'raw', '-k', socket, '-e', '0', '-t', image]];
+    case 'qemu-nbd':
+      return ['qemu-nbd', ['-f', 'raw', '-k', socket, '-e', '0', '-t', image]];
+    case 'qemu-nbd-io_uring':
+      return ['qemu-nbd', ['-f', 'raw', '--aio=io_uring', '-k', socket, '-e', '0', '-t', image]];
+    case 'nbdkit':
+      return ['nbdkit', ['-f', '-U', socket, 'file', image]];
+  }
+}
+
+export async function startServer(kind: ServerKind, image: string, dir: string): Promise<ServerHandle> {
+  const socket = join(dir, `${kind}.sock`);
+  const [cmd, args] = commandFor(kind, image, socket);
+  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const deadline = Date.now() + 15_000;
+  while (!existsSync(socket)) {
+    if (child.exitCode !== null) throw new Error(`${kind} exited: ${stderr}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`${kind} did not create its socket: ${stderr}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { uri: `nbd+unix:///?socket=${socket}`, stop: () => stop(child) };
+}
+
+function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const t = setTimeout(() => child.kill('SIGKILL'), 5000);
+    child.on('exit', () => {
+      clearTimeout(t);
+      resolve();
+    });
+    child.kill('SIGTERM');
+  });
+}
+
+function runTimed(cmd: string, args: string[]): Promise<{ seconds: number; stdout: string }> {
+  return new Promise((resolve, reject) => {
+    const start = process.hrtime.bigint();
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+      if (code !== 0) reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`));
+      else resolve({ seconds, stdout: out });
+    });
+  });
+}
+
+export async function runClient(row: Row, uri: string, ctx: { source: string; sizeBytes: number; seconds: number }): Promise<number> {
+  const gib = ctx.sizeBytes / 1024 ** 3;
+  switch (row.client) {
+    case 'nbdcopy-read': {
+      const best = Math.min(...(await repeat(2, () => runTimed('nbdcopy', [uri, 'null:']))).map((r) => r.seconds));
+      return gib / best;
+    }
+    case 'nbdcopy-write': {
+      const best = Math.min(...(await repeat(2, () => runTimed('nbdcopy', [ctx.source, uri]))).map((r) => r.seconds));
+      return gib / best;
+    }
+    case 'fio': {
+      const { stdout } = await runTimed('fio', [
+        '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${row.rw}`, '--bs=4k', `--iodepth=${row.iodepth}`,
+        '--time_based', `--runtime=${ctx.seconds}`, '--ramp_time=1', `--size=${ctx.sizeBytes}`, '--output-format=json',
+      ]);
+      const job = JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0];
+      return row.rw === 'randwrite' ? job.write.iops : job.read.iops;
+    }
+  }
+}
+
+async function repeat<T>(n: number, f: () => Promise<T>): Promise<T[]> {
+  const out: T[] = [];
+  for (let i = 0; i < n; i++) out.push(await f());
+  return out;
+}
