@@ -189,3 +189,49 @@ test('qcow2 driver: check finds a leaked cluster and repairs it', async (t) => {
   assert.equal(all.corruptions, 0);
   await dev.close();
 });
+
+test('qcow2 driver: check finds wrong COPIED flags and repairs them with mode all', async (t) => {
+  const path = join(tempDir(t), 'copied.qcow2');
+  await createQcow2(path, { sizeBytes: 4 * MiB, clusterSize: 4096 });
+  const dev = await open(path);
+  await dev.pwrite(Buffer.alloc(4096, 7), 0);
+  // A second reference to the data cluster (as a snapshot would add) without clearing COPIED.
+  const l2 = dev.checkTarget().l1Offsets[0]!;
+  const e = await dev.refcounts.get(l2 / 4096);
+  assert.equal(e, 1);
+  const hostCluster = Math.floor(Number((await readEntry(path, l2)) & ((1n << 56n) - 1n)) / 4096);
+  await dev.refcounts.set(hostCluster, 2);
+  // Like qemu-img check: a leak, and COPIED set on a cluster whose refcount is not 1.
+  const found = await dev.check('none');
+  assert.equal(found.leaks, 1);
+  assert.equal(found.corruptions, 1);
+  assert.match(found.messages.join('\n'), /OFLAG_COPIED data cluster/);
+  await dev.refcounts.set(hostCluster, 1);
+  await dev.close();
+  // Clear COPIED on the L2 entry behind the driver's back.
+  const raw = await readEntry(path, l2);
+  await writeEntry(path, l2, raw & ~(1n << 63n));
+  const dev2 = await open(path);
+  assert.equal((await dev2.check('none')).corruptions, 1);
+  const fixed = await dev2.check('all');
+  assert.equal(fixed.corruptionsFixed, 1);
+  assert.equal((await dev2.check('none')).corruptions, 0);
+  await dev2.close();
+  assert.equal((await readEntry(path, l2)) >> 63n, 1n);
+});
+
+async function readEntry(path: string, offset: number): Promise<bigint> {
+  const f = await HostFile.open(path, { readOnly: true });
+  const b = Buffer.alloc(8);
+  await f.pread(b, offset);
+  await f.close();
+  return b.readBigUInt64BE(0);
+}
+
+async function writeEntry(path: string, offset: number, v: bigint): Promise<void> {
+  const f = await HostFile.open(path);
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(v);
+  await f.pwrite(b, offset);
+  await f.close();
+}

@@ -7,7 +7,8 @@ import { CorruptImageError } from '../../errors.js';
 import type { HostFile } from '../../io/host-file.js';
 import { readU64OrNull } from '../../util/u64.js';
 import { QCOW2_AUTOCLEAR, type Qcow2Header } from './header.js';
-import { decodeL1Entry, decodeL2Entry, type Qcow2Geometry } from './map.js';
+import type { TableCache } from './l2-cache.js';
+import { decodeL1Entry, decodeL2Entry, encodeL1Entry, type Qcow2Geometry } from './map.js';
 import type { ImageState, RefcountManager } from './refcount.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 
@@ -19,6 +20,9 @@ export interface CheckTarget {
   readonly geometry: Qcow2Geometry;
   readonly l1TableOffset: number;
   readonly l1Offsets: readonly number[];
+  /** The active L1 table as in memory (raw entries), and the L2 table cache, for COPIED repairs. */
+  readonly l1: Buffer;
+  readonly l2Cache: TableCache;
   readonly snapshots: readonly Qcow2Snapshot[];
   readonly snapshotTableBytes: number;
   readonly refcounts: RefcountManager;
@@ -194,6 +198,11 @@ export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<Check
       }
     }
     if (fixes.length === 0 || pass >= 4) {
+      if (corruptions === 0 || mode === 'all') {
+        const copied = await checkCopiedFlags(t, mode === 'all', messages);
+        corruptions += copied.errors;
+        corruptionsFixed += copied.fixed;
+      }
       return { corruptions, leaks, corruptionsFixed, leaksFixed, messages, imageEndOffset: end };
     }
     rc.reserved = (i) => i < count.counts.length && count.counts[i]! > 0;
@@ -210,4 +219,57 @@ export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<Check
     }
     await t.file.datasync();
   }
+}
+
+/**
+ * "bit 63: 1 for an L2 table / standard cluster whose refcount is exactly one" must hold in the
+ * active tables; QEMU's check counts a mismatch as corruption and `-r all` rewrites the flag.
+ */
+async function checkCopiedFlags(t: CheckTarget, fix: boolean, messages: string[]): Promise<{ errors: number; fixed: number }> {
+  const g = t.geometry;
+  const cs = g.clusterSize;
+  let errors = 0;
+  let fixed = 0;
+  for (let i = 0; i < t.l1Offsets.length; i++) {
+    const l2 = t.l1Offsets[i]!;
+    if (l2 === 0) continue;
+    const rc = await t.refcounts.get(l2 / cs);
+    if (decodeL1Entry(t.l1, i).copied !== (rc === 1)) {
+      messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l2_offset=${l2} refcount=${rc}`);
+      if (fix) {
+        encodeL1Entry(t.l1, i, l2, rc === 1);
+        await t.file.pwrite(t.l1.subarray(i * 8, i * 8 + 8), t.l1TableOffset + i * 8);
+        fixed++;
+      } else errors++;
+    }
+    let table: Buffer;
+    try {
+      table = await t.l2Cache.get(l2);
+    } catch {
+      continue;
+    }
+    for (let j = 0; j < g.l2Entries; j++) {
+      let e;
+      try {
+        e = decodeL2Entry(g, table, j, Math.max(t.state.fileEnd, cs));
+      } catch {
+        continue;
+      }
+      let want: boolean;
+      if (e.compressed) want = false;
+      else if (!e.hasHost) continue;
+      else if (g.externalData) want = true;
+      else want = (await t.refcounts.get(Math.floor(e.hostOffset / cs))) === 1;
+      if (e.copied === want) continue;
+      messages.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${j} of L2 table ${l2} copied=${e.copied}`);
+      if (fix) {
+        const pos = j * g.l2EntryBytes;
+        const hi = table.readUInt32BE(pos);
+        table.writeUInt32BE((want ? hi | 0x80000000 : hi & 0x7fffffff) >>> 0, pos);
+        await t.l2Cache.write(l2, table, { start: pos, end: pos + 4 });
+        fixed++;
+      } else errors++;
+    }
+  }
+  return { errors, fixed };
 }

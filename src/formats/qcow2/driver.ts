@@ -26,7 +26,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { TableCache } from './l2-cache.js';
-import { Mutex, RangeLock } from './locks.js';
+import { Mutex, RangeLock, SyncBatcher } from './locks.js';
 import {
   ALL_SUBCLUSTERS,
   decodeL1Entry,
@@ -126,6 +126,9 @@ export class Qcow2Device implements BlockDevice {
   private readonly snapshotTableBytes: number;
   private readonly zeroCluster: Buffer;
   private closed = false;
+  private readonly imageSync: SyncBatcher;
+  private readonly dataSync: SyncBatcher;
+  private fixedCache: { reftableOffset: number; ranges: Range[] } | null = null;
   /** The snapshot served instead of the active state, if any. */
   readonly servedSnapshot: Qcow2Snapshot | null;
 
@@ -149,6 +152,8 @@ export class Qcow2Device implements BlockDevice {
     const h = init.header;
     this.file = init.file;
     this.data = init.dataFile ?? init.file;
+    this.imageSync = new SyncBatcher(() => this.file.datasync());
+    this.dataSync = this.data === this.file ? this.imageSync : new SyncBatcher(() => this.data.datasync());
     this.header = h;
     this.sizeBytes = init.sizeBytes;
     this.servedSnapshot = init.snapshot;
@@ -297,6 +302,7 @@ export class Qcow2Device implements BlockDevice {
   }
 
   private fixedRanges(): Range[] {
+    if (this.fixedCache?.reftableOffset === this.refcounts.reftableOffset) return this.fixedCache.ranges;
     const cs = this.geometry.clusterSize;
     const r: Range[] = [
       { what: 'header', start: 0, end: cs },
@@ -304,6 +310,7 @@ export class Qcow2Device implements BlockDevice {
       { what: 'refcount table', start: this.refcounts.reftableOffset, end: this.refcounts.reftableOffset + this.refcounts.reftableClusters * cs },
     ];
     if (this.snapshotTableBytes > 0) r.push({ what: 'snapshot table', start: this.header.snapshotsOffset, end: this.header.snapshotsOffset + this.snapshotTableBytes });
+    this.fixedCache = { reftableOffset: this.refcounts.reftableOffset, ranges: r };
     return r;
   }
 
@@ -315,6 +322,8 @@ export class Qcow2Device implements BlockDevice {
       geometry: this.geometry,
       l1TableOffset: this.l1TableOffset,
       l1Offsets: this.l1Offsets,
+      l1: this.l1,
+      l2Cache: this.l2Cache,
       snapshots: this.snapshots,
       snapshotTableBytes: this.snapshotTableBytes,
       refcounts: this.refcounts,
@@ -571,7 +580,7 @@ export class Qcow2Device implements BlockDevice {
     if (this.geometry.externalData) return;
     const victims = olds.filter((e) => e.compressed || e.hasHost);
     if (victims.length === 0) return;
-    if (!this.lazyRefcounts) await this.file.datasync();
+    if (!this.lazyRefcounts) await this.imageSync.sync();
     for (const e of victims) {
       if (e.compressed) await this.refcounts.release(Math.floor(e.compressedOffset / 512) * 512, e.compressedBytes + (e.compressedOffset % 512));
       else await this.refcounts.release(e.hostOffset, this.geometry.clusterSize);
@@ -630,12 +639,12 @@ export class Qcow2Device implements BlockDevice {
       }
     }
     await this.l2Cache.write(off, fresh);
-    if (!this.lazyRefcounts) await this.file.datasync();
+    if (!this.lazyRefcounts) await this.imageSync.sync();
     encodeL1Entry(this.l1, l1Index, off, true);
     await this.file.pwrite(this.l1.subarray(l1Index * 8, l1Index * 8 + 8), this.l1TableOffset + l1Index * 8);
     this.l1Offsets[l1Index] = off;
     if (cur !== 0) {
-      if (!this.lazyRefcounts) await this.file.datasync();
+      if (!this.lazyRefcounts) await this.imageSync.sync();
       await this.refcounts.release(cur, cs);
       this.l2Cache.evict(cur);
     }
@@ -761,8 +770,8 @@ export class Qcow2Device implements BlockDevice {
 
   /** Data file first: metadata must never reach the disk ahead of the data it describes. */
   private async syncData(): Promise<void> {
-    if (this.data !== this.file) await this.data.datasync();
-    await this.file.datasync();
+    if (this.data !== this.file) await this.dataSync.sync();
+    await this.imageSync.sync();
   }
 
   // ---- extents -------------------------------------------------------------------------------

@@ -58,3 +58,36 @@ export class RangeLock {
     return true;
   }
 }
+
+/**
+ * Group commit for fdatasync: callers that ask while a sync is running share the next one,
+ * which starts after it (the running one may predate their writes). Concurrent allocating
+ * writes then pay for one sync instead of one each.
+ */
+export class SyncBatcher {
+  private running: Promise<void> | null = null;
+  private next: Promise<void> | null = null;
+
+  constructor(private readonly doSync: () => Promise<void>) {}
+
+  sync(): Promise<void> {
+    if (this.running === null) return this.start();
+    if (this.next === null) {
+      this.next = this.running
+        .catch(() => undefined)
+        .then(() => {
+          this.next = null;
+          return this.start();
+        });
+    }
+    return this.next;
+  }
+
+  private start(): Promise<void> {
+    const p: Promise<void> = this.doSync().finally(() => {
+      if (this.running === p) this.running = null;
+    });
+    this.running = p;
+    return p;
+  }
+}
