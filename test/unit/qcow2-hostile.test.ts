@@ -239,3 +239,19 @@ test('hostile qcow2: truncated file and bad magic', async (t) => {
   closeSync(fd);
   await openExpect(p2, CorruptImageError, 'qcow2 header: file too short');
 });
+
+test('hostile qcow2: corruption found while writing sets the corrupt bit and stops further writes', async (t) => {
+  const p = await freshImage(t);
+  const l2 = Number(peek(p, l1Offset(p), 8).readBigUInt64BE(0) & ((1n << 56n) - 1n));
+  // Guest cluster 1 points into the refcount table.
+  poke(p, l2 + 8, u64((1n << 63n) | peek(p, 48, 8).readBigUInt64BE(0)));
+  const dev = await Qcow2Device.open(await HostFile.open(p));
+  await assert.rejects(dev.pwrite(Buffer.alloc(10, 1), CS + 5), (e: unknown) => e instanceof CorruptImageError && /inside the refcount table/.test((e as Error).message));
+  await assert.rejects(dev.pwrite(Buffer.alloc(10, 1), 0), /found corrupt/);
+  const b = Buffer.alloc(10);
+  await dev.pread(b, 0);
+  assert.ok(b.equals(Buffer.alloc(10, 0x42)), 'reads of intact clusters still work');
+  await dev.close();
+  assert.equal(peek(p, 72, 8).readBigUInt64BE(0) & 2n, 2n, 'corrupt bit set on disk');
+  await openExpect(p, UnsupportedImageError, 'qcow2: the image is marked corrupt; it can only be opened read-only', false);
+});

@@ -195,6 +195,7 @@ export class Qcow2Device implements BlockDevice {
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
   static async open(file: HostFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Device> {
     const readOnly = opts.snapshot !== undefined ? true : (opts.readOnly ?? file.readOnly);
+    if (!readOnly && file.readOnly) throw new UsageError('qcow2: a writable open needs a writable file');
     const fileSize = await file.size();
     const probe = Buffer.alloc(Math.min(512, Math.max(fileSize, 0)));
     await file.pread(probe, 0);
@@ -361,6 +362,25 @@ export class Qcow2Device implements BlockDevice {
   private assertWritable(): void {
     if (this.readOnly) throw new RequestError('EPERM', 'qcow2: image is open read-only');
     if (this.closed) throw new RequestError('ESHUTDOWN', 'qcow2: image is closed');
+    if (this.markedCorrupt) throw new RequestError('EIO', 'qcow2: image was found corrupt and is now read-only');
+  }
+
+  private markedCorrupt = false;
+
+  /**
+   * Corruption found while writing: like QEMU, set the corrupt bit ("the image must not be
+   * written to") and refuse further writes, so damage does not spread.
+   */
+  private async guardCorrupt<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof CorruptImageError && !this.markedCorrupt) {
+        this.markedCorrupt = true;
+        await this.setIncompatibleBit(QCOW2_INCOMPAT.CORRUPT, true).catch(() => undefined);
+      }
+      throw err;
+    }
   }
 
   // ---- mapping -------------------------------------------------------------------------------
@@ -484,7 +504,7 @@ export class Qcow2Device implements BlockDevice {
     this.checkRange(offset, buf.length);
     if (buf.length === 0) return;
     const [first, last] = this.clusterRange(offset, buf.length);
-    await this.clusterLock.run(first, last, true, () => this.writeGuest(buf, offset));
+    await this.guardCorrupt(() => this.clusterLock.run(first, last, true, () => this.writeGuest(buf, offset)));
     if (opts.fua) await this.flush();
   }
 
@@ -673,7 +693,7 @@ export class Qcow2Device implements BlockDevice {
     const cs = g.clusterSize;
     const canFlag = g.zeroFlag || g.extL2;
     const [first, last] = this.clusterRange(offset, length);
-    await this.clusterLock.run(first, last, true, async () => {
+    await this.guardCorrupt(() => this.clusterLock.run(first, last, true, async () => {
       const slow: { offset: number; length: number }[] = [];
       const updates: { cluster: number; entry: { hostOffset: number; copied: boolean; alloc: number; zero: number } }[] = [];
       const olds: L2Entry[] = [];
@@ -724,7 +744,7 @@ export class Qcow2Device implements BlockDevice {
           await this.writeGuest(this.zeroCluster.subarray(0, n), s.offset + done);
         }
       }
-    });
+    }));
     if (opts.fua) await this.flush();
   }
 
@@ -737,7 +757,7 @@ export class Qcow2Device implements BlockDevice {
     // Without a zero flag, discarding would expose stale backing data: QEMU ignores it too.
     if (!g.zeroFlag && !g.extL2 && this.backing !== null) return;
     const [first, last] = this.clusterRange(offset, length);
-    await this.clusterLock.run(first, last, true, async () => {
+    await this.guardCorrupt(() => this.clusterLock.run(first, last, true, async () => {
       const updates: { cluster: number; entry: { hostOffset: number; copied: boolean; alloc: number; zero: number } }[] = [];
       const olds: L2Entry[] = [];
       const clusters: [number, number, number][] = [];
@@ -759,7 +779,7 @@ export class Qcow2Device implements BlockDevice {
         await this.writeEntries(updates);
         await this.releaseOld(olds);
       });
-    });
+    }));
     if (opts.fua) await this.flush();
   }
 
