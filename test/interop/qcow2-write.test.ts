@@ -245,3 +245,23 @@ for (const raw of [false, true]) {
     await assertClean(mine);
   });
 }
+
+for (const cluster of [512, 65536]) {
+  test(`qcow2 resize: growing a ${cluster}-byte-cluster image moves the L1 table; qemu-img agrees`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const img = join(dir, 'r.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, img, String(4 * MiB)]);
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x12 4190208 4096', img]);
+    const newSize = cluster === 512 ? 64 * MiB : 3 * 1024 * MiB;
+    const dev = await openQcow2Chain(img);
+    await dev.resize(newSize);
+    assert.equal(dev.sizeBytes, newSize);
+    await dev.pwrite(Buffer.alloc(5000, 0x13), newSize - 5000);
+    await dev.close();
+    const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', img])) as Record<string, unknown>;
+    assert.equal(info['virtual-size'], newSize);
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x11 0 1M', '-c', 'read -P 0x12 4190208 4096', '-c', `read -P 0 ${4 * MiB} 1M`, '-c', `read -P 0x13 ${newSize - 5000} 5000`, img]);
+    await assertClean(img);
+  });
+}

@@ -20,6 +20,7 @@ import {
   decodeQcow2Header,
   l1EntriesFor,
   l2EntryBytes,
+  QCOW2_MAX_L1_BYTES,
   QCOW2_COMPAT_LAZY_REFCOUNTS,
   QCOW2_HDR,
   QCOW2_INCOMPAT,
@@ -46,6 +47,7 @@ import {
 } from './map.js';
 import { decodeReftable, RefcountManager, type ImageState } from './refcount.js';
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
+import { writeU64 } from '../../util/u64.js';
 
 export interface BackingRef {
   /** The name as stored in the image. */
@@ -104,7 +106,8 @@ const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
 const DEFAULT_REFCOUNT_CACHE_BYTES = 1024 * 1024;
 
 export class Qcow2Device implements BlockDevice {
-  readonly sizeBytes: number;
+  /** Virtual size; changes only through resize(). */
+  sizeBytes: number;
   readonly header: Qcow2Header;
   readonly geometry: Qcow2Geometry;
   readonly readOnly: boolean;
@@ -114,9 +117,9 @@ export class Qcow2Device implements BlockDevice {
   private readonly data: HostFile;
   private readonly backing: BlockDevice | null;
   private readonly state: ImageState;
-  private readonly l1: Buffer;
-  private readonly l1Offsets: number[];
-  private readonly l1TableOffset: number;
+  private l1: Buffer;
+  private l1Offsets: number[];
+  private l1TableOffset: number;
   private readonly l2Cache: TableCache;
   readonly refcounts: RefcountManager;
   private readonly metaLock = new Mutex();
@@ -792,6 +795,52 @@ export class Qcow2Device implements BlockDevice {
   private async syncData(): Promise<void> {
     if (this.data !== this.file) await this.dataSync.sync();
     await this.imageSync.sync();
+  }
+
+  /**
+   * Grow the virtual disk to `newSizeBytes` (rounded up to 512 like QEMU). A larger L1 table is
+   * written and flushed before the header points at it; the old one is freed afterwards.
+   */
+  async resize(newSizeBytes: number): Promise<void> {
+    this.assertWritable();
+    if (this.servedSnapshot !== null) throw new UsageError('qcow2: cannot resize a snapshot');
+    if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes < 0) throw new UsageError(`qcow2: invalid size ${newSizeBytes}`);
+    const size = Math.ceil(newSizeBytes / 512) * 512;
+    if (size < this.sizeBytes) throw new RequestError('ENOTSUP', 'qcow2: shrinking is not supported');
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    await this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () =>
+      this.metaLock.run(async () => {
+        const needed = l1EntriesFor(size, g.clusterBits, g.l2EntryBytes);
+        if (needed * 8 > QCOW2_MAX_L1_BYTES) throw new RequestError('EINVAL', `qcow2: size ${size} needs an L1 table above the 32 MiB limit`);
+        if (needed > this.l1Offsets.length) {
+          const clusters = Math.ceil((needed * 8) / cs);
+          const off = await this.refcounts.allocate(clusters);
+          await this.extendFile();
+          const l1 = Buffer.alloc(clusters * cs);
+          this.l1.copy(l1);
+          await this.file.pwrite(l1, off);
+          await this.imageSync.sync();
+          const hdr = Buffer.alloc(12);
+          hdr.writeUInt32BE(needed, 0);
+          writeU64(hdr, off, 4);
+          await this.file.pwrite(hdr, QCOW2_HDR.L1_SIZE);
+          await this.imageSync.sync();
+          const oldOffset = this.l1TableOffset;
+          const oldBytes = this.l1Offsets.length * 8;
+          this.l1 = l1.subarray(0, needed * 8);
+          this.l1Offsets = this.l1Offsets.concat(new Array<number>(needed - this.l1Offsets.length).fill(0));
+          this.l1TableOffset = off;
+          this.fixedCache = null;
+          if (oldBytes > 0) await this.refcounts.release(oldOffset, oldBytes);
+        }
+        const b = Buffer.alloc(8);
+        writeU64(b, size, 0);
+        await this.file.pwrite(b, 24);
+        await this.imageSync.sync();
+        this.sizeBytes = size;
+      }),
+    );
   }
 
   // ---- extents -------------------------------------------------------------------------------
