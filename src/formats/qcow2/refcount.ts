@@ -186,6 +186,8 @@ export class RefcountManager {
     let start = this.freeHint;
     let run = 0;
     let c = this.freeHint;
+    // Everything between the hint and the first free cluster seen is in use: skip it next time.
+    let firstFree = -1;
     for (;;) {
       const ti = Math.floor(c / this.blockEntries);
       const off = ti < this.reftable.length ? this.reftable[ti]! : 0;
@@ -193,8 +195,12 @@ export class RefcountManager {
       const end = (ti + 1) * this.blockEntries;
       for (; c < end; c++) {
         if (this.isFree(block, c)) {
+          if (firstFree < 0) firstFree = c;
           if (run === 0) start = c;
-          if (++run === n) return start;
+          if (++run === n) {
+            if (this.reserved === null) this.freeHint = Math.max(this.freeHint, firstFree);
+            return start;
+          }
         } else {
           run = 0;
         }
