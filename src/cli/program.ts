@@ -4,14 +4,14 @@
 import { Command, Option } from 'commander';
 import { reportError, EXIT } from './exit.js';
 
-type Loader = () => Promise<{ run(args: string[], opts: Record<string, unknown>, cmd: Command): Promise<number | void> }>;
+type Loader = (args: string[]) => Promise<{ run(args: string[], opts: Record<string, unknown>, cmd: Command): Promise<number | void> }>;
 
 function lazy(load: Loader) {
   return async function (this: Command, ...all: unknown[]): Promise<void> {
     const cmd = all[all.length - 1] as Command;
     const opts = cmd.opts();
     const args = cmd.args;
-    const mod = await load();
+    const mod = await load(args);
     const code = await mod.run(args, opts, cmd);
     if (typeof code === 'number' && code !== 0) process.exitCode = code;
   };
@@ -67,10 +67,42 @@ export function buildProgram(): Command {
 
   program
     .command('list')
-    .summary('list the exports of an NBD server')
-    .argument('<uri>', 'nbd:// or nbd+unix:// URI of the server')
+    .summary('list the exports of an NBD server, or (no URI) the attached devices')
+    .argument('[uri]', 'nbd:// or nbd+unix:// URI of the server; omitted: list the devices imgbd attached')
     .option('--json', 'print JSON')
-    .action(lazy(() => import('./commands/list.js')));
+    .action(lazy((args) => (args.length === 0 ? import('./commands/list-devices.js') : import('./commands/list.js'))));
+
+  program
+    .command('attach')
+    .summary('attach an image (or one of its partitions) as /dev/nbdN')
+    .description(
+      'Attach IMAGE as /dev/nbdN through the kernel NBD driver, served by a supervisor process that stays\n' +
+        'in the background (state in /run/imgbd). IMAGE:N attaches only partition N; IMAGE:name=LABEL the GPT\n' +
+        'partition so named. Prints the device once it (and every partition node) is usable.',
+    )
+    .argument('<image>', 'IMAGE, IMAGE:N or IMAGE:name=LABEL')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('-r, --read-only', 'attach read-only (and mount read-only)')
+    .option('--mount <dir>', 'mount the filesystem (type detected from its superblock) on DIR')
+    .option('-o, --options <opts>', 'mount options, as mount -o')
+    .option('--connections <n>', 'NBD connections to the kernel (the image must allow multi-conn)', '1')
+    .option('--timeout <seconds>', 'fail I/O when the server does not answer within this time', '30')
+    .option('--watch-pid <pid>', 'detach when this process exits')
+    .option('--json', 'print JSON')
+    .addOption(new Option('--interface <kind>', 'kernel interface: auto, netlink or ioctl').hideHelp())
+    .action(lazy(() => import('./commands/attach.js')));
+
+  program
+    .command('detach')
+    .summary('detach a device attached with imgbd attach')
+    .argument('<target>', '/dev/nbdN, its mount point, or the attached image')
+    .option('--force', 'detach even when mounted or held by others')
+    .action(lazy(() => import('./commands/detach.js')));
+
+  program
+    .command('gc')
+    .summary('reclaim attached devices whose supervisor has died')
+    .action(lazy(() => import('./commands/gc.js')));
 
   program
     .command('map')
