@@ -255,3 +255,12 @@ test('hostile qcow2: corruption found while writing sets the corrupt bit and sto
   assert.equal(peek(p, 72, 8).readBigUInt64BE(0) & 2n, 2n, 'corrupt bit set on disk');
   await openExpect(p, UnsupportedImageError, 'qcow2: the image is marked corrupt; it can only be opened read-only', false);
 });
+
+test('hostile qcow2: a backing chain that loops onto itself ends with an error', async (t) => {
+  const { openImage } = await import('../../src/formats/open.js');
+  const dir = tempDir(t);
+  const p = join(dir, 'self.qcow2');
+  await createQcow2(p, { sizeBytes: 1 << 20, backingFile: 'self.qcow2', backingFormat: 'qcow2' });
+  await assert.rejects(openImage(p, { readOnly: true }), (e: unknown) => e instanceof UnsupportedImageError && /backing chain deeper than 64/.test((e as Error).message));
+  await assert.rejects(openImage(p, { readOnly: true, allowBacking: false }), (e: unknown) => e instanceof UnsupportedImageError && /backing files are not allowed/.test((e as Error).message));
+});
