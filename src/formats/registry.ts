@@ -4,6 +4,7 @@
 import type { BlockDevice } from '../block/device.js';
 import { UnsupportedImageError } from '../errors.js';
 import { qcow2Format } from './qcow2/format.js';
+import { qedFormat } from './qed/format.js';
 import { rawFormat } from './raw/driver.js';
 
 /**
@@ -66,6 +67,7 @@ export function createFormatRegistry(): FormatRegistry {
 /** The process-wide registry that format modules register into. */
 export const defaultRegistry: FormatRegistry = createFormatRegistry();
 defaultRegistry.register(qcow2Format);
+defaultRegistry.register(qedFormat);
 
 export function registerFormat(driver: FormatDriver, registry: FormatRegistry = defaultRegistry): void {
   registry.register(driver);
