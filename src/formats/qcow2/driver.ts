@@ -438,6 +438,13 @@ export class Qcow2Device implements BlockDevice {
       if (runLen > 0) pending.push(this.data.pread(buf.subarray(runBuf, runBuf + runLen), runHost));
       runLen = 0;
     };
+    // Likewise guest-contiguous unallocated ranges become one backing read.
+    let backBuf = 0;
+    let backLen = 0;
+    const flushBacking = (): void => {
+      if (backLen > 0) pending.push(this.readBacking(buf.subarray(backBuf, backBuf + backLen), offset + backBuf));
+      backLen = 0;
+    };
     let done = 0;
     while (done < buf.length) {
       const guest = offset + done;
@@ -447,6 +454,7 @@ export class Qcow2Device implements BlockDevice {
       const clusterEnd = Math.min(g.clusterSize, inCluster + (buf.length - done));
       if (e.compressed) {
         flushRun();
+        flushBacking();
         const n = clusterEnd - inCluster;
         const at = done;
         pending.push(this.readCompressed(e).then((data) => void data.copy(buf, at, inCluster, inCluster + n)));
@@ -462,6 +470,7 @@ export class Qcow2Device implements BlockDevice {
         end = Math.min(end, clusterEnd);
         const n = end - pos;
         const bufAt = done + (pos - inCluster);
+        if (status !== SUB_UNALLOCATED) flushBacking();
         if (status === SUB_DATA) {
           const host = e.hostOffset + pos;
           if (runLen > 0 && runHost + runLen === host && runBuf + runLen === bufAt) runLen += n;
@@ -474,13 +483,19 @@ export class Qcow2Device implements BlockDevice {
         } else {
           flushRun();
           if (status === SUB_ZERO) buf.fill(0, bufAt, bufAt + n);
-          else pending.push(this.readBacking(buf.subarray(bufAt, bufAt + n), offset + bufAt));
+          else if (backLen > 0 && backBuf + backLen === bufAt) backLen += n;
+          else {
+            flushBacking();
+            backBuf = bufAt;
+            backLen = n;
+          }
         }
         pos = end;
       }
       done += clusterEnd - inCluster;
     }
     flushRun();
+    flushBacking();
     await Promise.all(pending);
   }
 
