@@ -5,6 +5,7 @@ import type { BlockDevice } from '../block/device.js';
 import { UnsupportedImageError } from '../errors.js';
 import { qcow2Format } from './qcow2/format.js';
 import { qedFormat } from './qed/format.js';
+import { vdiFormat } from './vdi/format.js';
 import { rawFormat } from './raw/driver.js';
 
 /**
@@ -68,6 +69,7 @@ export function createFormatRegistry(): FormatRegistry {
 export const defaultRegistry: FormatRegistry = createFormatRegistry();
 defaultRegistry.register(qcow2Format);
 defaultRegistry.register(qedFormat);
+defaultRegistry.register(vdiFormat);
 
 export function registerFormat(driver: FormatDriver, registry: FormatRegistry = defaultRegistry): void {
   registry.register(driver);

@@ -1,0 +1,274 @@
+// The VDI image driver (vdi-notes.md): static and dynamic images with 1 MiB blocks, reads
+// through the block map, writes in place or by appending a whole new block.
+//
+// Allocation (section 4, with an order chosen for crash safety): the new block is written whole
+// (the caller's bytes, zeros elsewhere) at index blocks_allocated and synced; then the header's
+// blocks_allocated is raised and synced; then the map entry is written. A crash leaves at worst a
+// block counted but unmapped — never a mapped block the next allocation would reuse.
+//
+// Trim and zero never change the map (a discarded entry would leave blocks_allocated counting a
+// block nothing references, which qemu-img check calls corruption): allocated ranges are zeroed
+// in the host file, punched when deallocation is allowed; unallocated ranges already read as zero.
+
+import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
+import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
+import { writeZeros } from '../../block/zero-buffer.js';
+import { CorruptImageError, RequestError } from '../../errors.js';
+import type { HostFile } from '../../io/host-file.js';
+import { isNotSupported } from '../../sys/errno.js';
+import { fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../sys/libc.js';
+import { Mutex } from '../qcow2/locks.js';
+import { parseVdiHeader, VDI_BLOCKS_ALLOCATED_OFFSET, VDI_DISCARDED, VDI_HEADER_BYTES, VDI_TYPE, type VdiHeader } from './header.js';
+import { formatVdiUuid } from './uuid.js';
+
+export interface VdiOpenOptions {
+  readonly readOnly?: boolean;
+}
+
+const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+
+export class VdiDevice implements BlockDevice {
+  readonly sizeBytes: number;
+  readonly readOnly: boolean;
+  readonly header: VdiHeader;
+  private readonly file: HostFile;
+  /** The header as read, rewritten whole (QEMU does) with only blocks_allocated changed. */
+  private readonly rawHeader: Buffer;
+  /** blocks_in_image little-endian u32 entries. */
+  private readonly map: Buffer;
+  private blocksAllocated: number;
+  private readonly writeLock = new Mutex();
+  private closed = false;
+  private punchUnsupported = false;
+  private zeroRangeUnsupported = false;
+
+  private constructor(file: HostFile, rawHeader: Buffer, header: VdiHeader, map: Buffer, readOnly: boolean) {
+    this.file = file;
+    this.rawHeader = rawHeader;
+    this.header = header;
+    this.map = map;
+    this.readOnly = readOnly;
+    this.blocksAllocated = header.blocksAllocated;
+    // "If disk_size is not a multiple of 512, QEMU accepts the image and rounds the size up."
+    this.sizeBytes = Math.ceil(header.diskSize / 512) * 512;
+  }
+
+  /** Open a VDI image on `file`; the device owns the file from then on (not when open throws). */
+  static async open(file: HostFile, opts: VdiOpenOptions = {}): Promise<VdiDevice> {
+    const readOnly = opts.readOnly ?? file.readOnly;
+    const fileSize = await file.size();
+    const raw = Buffer.alloc(VDI_HEADER_BYTES);
+    await file.pread(raw, 0);
+    const h = parseVdiHeader(raw, fileSize);
+    // The header check bounded the map by the file size, so this allocation is bounded too.
+    const map = Buffer.allocUnsafe(h.blocksInImage * 4);
+    await file.pread(map, h.offsetBmap);
+    validateMap(h, map, fileSize);
+    return new VdiDevice(file, raw, h, map, readOnly);
+  }
+
+  get isStatic(): boolean {
+    return this.header.imageType === VDI_TYPE.STATIC;
+  }
+
+  get imageUuid(): string {
+    return formatVdiUuid(this.header.uuidImage);
+  }
+
+  capabilities(): Capabilities {
+    const w = !this.readOnly;
+    return { writable: w, flush: w, fua: false, trim: w, zero: w, fastZero: w, extents: true, allocationDepth: true, cache: false, multiConn: true, rotational: false };
+  }
+
+  blockSizes(): BlockSizes {
+    return { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.sizeBytes) {
+      throw new RequestError('EINVAL', `vdi: request [${offset}, +${length}) is outside the ${this.sizeBytes}-byte disk`);
+    }
+  }
+
+  private assertWritable(): void {
+    if (this.closed) throw new RequestError('ESHUTDOWN', 'vdi: image is closed');
+    if (this.readOnly) throw new RequestError('EPERM', 'vdi: image is open read-only');
+  }
+
+  /** Host offset of block `i`, or -1 when it is unallocated or discarded. */
+  private blockHost(i: number): number {
+    const e = this.map.readUInt32LE(i * 4);
+    if (e >= VDI_DISCARDED) return -1;
+    return this.header.offsetData + e * this.header.blockSize;
+  }
+
+  /** Visit the block pieces of [offset, offset+length). */
+  private *pieces(offset: number, length: number): Generator<{ block: number; inBlock: number; n: number; done: number }> {
+    const bs = this.header.blockSize;
+    for (let done = 0; done < length; ) {
+      const pos = offset + done;
+      const block = Math.floor(pos / bs);
+      const inBlock = pos - block * bs;
+      const n = Math.min(bs - inBlock, length - done);
+      yield { block, inBlock, n, done };
+      done += n;
+    }
+  }
+
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    const pending: Promise<void>[] = [];
+    for (const p of this.pieces(offset, buf.length)) {
+      const host = this.blockHost(p.block);
+      const dst = buf.subarray(p.done, p.done + p.n);
+      if (host < 0) dst.fill(0);
+      else pending.push(this.file.pread(dst, host + p.inBlock));
+    }
+    await Promise.all(pending);
+  }
+
+  async pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
+    this.assertWritable();
+    this.checkRange(offset, buf.length);
+    if (buf.length === 0) return;
+    await this.writeLock.run(() => this.writeLocked(buf, offset));
+    if (opts.fua) await this.file.datasync();
+  }
+
+  private async writeLocked(buf: Buffer, offset: number): Promise<void> {
+    const bs = this.header.blockSize;
+    const writes: Promise<void>[] = [];
+    const fresh: number[] = [];
+    for (const p of this.pieces(offset, buf.length)) {
+      const host = this.blockHost(p.block);
+      const src = buf.subarray(p.done, p.done + p.n);
+      if (host >= 0) {
+        writes.push(this.file.pwrite(src, host + p.inBlock));
+        continue;
+      }
+      // "QEMU writes the whole block. Bytes outside the range being written are filled with zeros."
+      const index = this.blocksAllocated + fresh.length;
+      const block = Buffer.alloc(bs);
+      src.copy(block, p.inBlock);
+      writes.push(this.file.pwrite(block, this.header.offsetData + index * bs));
+      fresh.push(p.block);
+    }
+    await Promise.all(writes);
+    if (fresh.length === 0) return;
+    await this.file.datasync();
+    const first = this.blocksAllocated;
+    const count = first + fresh.length;
+    this.rawHeader.writeUInt32LE(count, VDI_BLOCKS_ALLOCATED_OFFSET);
+    await this.file.pwrite(this.rawHeader, 0);
+    await this.file.datasync();
+    this.blocksAllocated = count;
+    fresh.forEach((b, k) => this.map.writeUInt32LE(first + k, b * 4));
+    const lo = Math.min(...fresh);
+    const hi = Math.max(...fresh);
+    await this.file.pwrite(this.map.subarray(lo * 4, (hi + 1) * 4), this.header.offsetBmap + lo * 4);
+  }
+
+  async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    this.assertWritable();
+    this.checkRange(offset, length);
+    await this.writeLock.run(() => this.zeroLocked(offset, length, opts.mayTrim === true));
+    if (opts.fua) await this.file.datasync();
+  }
+
+  async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
+    this.assertWritable();
+    this.checkRange(offset, length);
+    await this.writeLock.run(() => this.zeroLocked(offset, length, true));
+    if (opts.fua) await this.file.datasync();
+  }
+
+  private async zeroLocked(offset: number, length: number, punch: boolean): Promise<void> {
+    for (const p of this.pieces(offset, length)) {
+      const host = this.blockHost(p.block);
+      if (host >= 0) await this.zeroHost(host + p.inBlock, p.n, punch);
+    }
+  }
+
+  private async zeroHost(hostOffset: number, length: number, punch: boolean): Promise<void> {
+    const fd = this.file.fd;
+    if (punch && !this.punchUnsupported) {
+      try {
+        return await fallocate(fd, PUNCH, hostOffset, length);
+      } catch (e) {
+        if (!isNotSupported(e)) throw e;
+        this.punchUnsupported = true;
+      }
+    }
+    if (!this.zeroRangeUnsupported) {
+      try {
+        return await fallocate(fd, ZERO_RANGE, hostOffset, length);
+      } catch (e) {
+        if (!isNotSupported(e)) throw e;
+        this.zeroRangeUnsupported = true;
+      }
+    }
+    await writeZeros((b, o) => this.file.pwrite(b, o), hostOffset, length);
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly || this.closed) return;
+    await this.writeLock.run(() => this.file.datasync());
+  }
+
+  async extents(offset: number, length: number, opts: ExtentsOptions = {}): Promise<Extent[]> {
+    this.checkRange(offset, length);
+    const out: Extent[] = [];
+    for (const p of this.pieces(offset, length)) {
+      // Unallocated and discarded blocks read as zeros (QEMU reports them as zero).
+      const flags = this.blockHost(p.block) >= 0 ? 0 : EXTENT_HOLE | EXTENT_ZERO;
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) out[out.length - 1] = { length: last.length + p.n, flags };
+      else {
+        if (opts.one && out.length === 1) break;
+        out.push({ length: p.n, flags });
+      }
+    }
+    return out;
+  }
+
+  async allocationDepth(offset: number, length: number): Promise<DepthExtent[]> {
+    this.checkRange(offset, length);
+    const out: DepthExtent[] = [];
+    for (const p of this.pieces(offset, length)) {
+      const depth = this.blockHost(p.block) >= 0 ? 1 : 0;
+      const last = out[out.length - 1];
+      if (last && last.depth === depth) out[out.length - 1] = { length: last.length + p.n, depth };
+      else out.push({ length: p.n, depth });
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (!this.readOnly) await this.writeLock.run(() => this.file.datasync());
+    } finally {
+      this.closed = true;
+      await this.file.close();
+    }
+  }
+}
+
+/**
+ * Every mapped block must lie inside the file and below blocks_allocated (the next allocation
+ * goes there), and no two entries may share a block.
+ */
+function validateMap(h: VdiHeader, map: Buffer, fileSize: number): void {
+  const seen = new Uint8Array(Math.ceil(h.blocksAllocated / 8));
+  for (let i = 0; i < h.blocksInImage; i++) {
+    const e = map.readUInt32LE(i * 4);
+    if (e >= VDI_DISCARDED) continue;
+    if (e >= h.blocksAllocated) throw new CorruptImageError(`vdi: block map entry ${i} = ${e} is not below blocks_allocated (${h.blocksAllocated})`);
+    const end = h.offsetData + (e + 1) * h.blockSize;
+    if (end > fileSize) throw new CorruptImageError(`vdi: block map entry ${i} = ${e} points past the end of the ${fileSize}-byte file`);
+    const bit = 1 << (e & 7);
+    if (seen[e >>> 3]! & bit) throw new CorruptImageError(`vdi: block ${e} is mapped by more than one block map entry (entry ${i})`);
+    seen[e >>> 3]! |= bit;
+  }
+}
