@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/client/nbd-client.js';
@@ -68,6 +69,28 @@ async function clientMap(c: NbdClient): Promise<MapEntry[]> {
 
 async function nbdinfoMap(uri: string): Promise<MapEntry[]> {
   return normalize(JSON.parse(await runOk('nbdinfo', ['--map', '--json', uri])) as MapEntry[]);
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }
 
 const isErrno = (errno: string) => (e: unknown) => e instanceof RequestError && e.errno === errno;
@@ -230,6 +253,22 @@ describe('NbdClient against nbdkit', () => {
     assert.deepEqual(b, Buffer.concat([Buffer.alloc(512), Buffer.alloc(512, 3)]));
     await c.disconnect();
     await assert.rejects(NbdClient.list(uri), ProtocolError);
+  });
+
+  it('TCP: nbd://127.0.0.1:PORT and nbd://[::1]:PORT', async (t) => {
+    if (!requirePeers(t, 'nbdkit')) return;
+    const port = await freePort();
+    const child = spawnPeer(t, 'nbdkit', ['-f', '-p', String(port), 'memory', '1M']);
+    await waitFor(async () => child.exitCode !== null || (await canConnect(port)), 10_000, 'nbdkit TCP port');
+    for (const host of ['127.0.0.1', '[::1]']) {
+      const c = await NbdClient.connect(`nbd://${host}:${port}/`);
+      assert.equal(c.sizeBytes, MiB);
+      await c.pwrite(Buffer.alloc(4096, 5), 8192);
+      const b = Buffer.alloc(4096);
+      await c.pread(b, 8192);
+      assert.deepEqual(b, Buffer.alloc(4096, 5));
+      await c.disconnect();
+    }
   });
 
   it('openNbdDevice: capabilities and extents for a BlockDevice user', async (t) => {
