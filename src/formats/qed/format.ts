@@ -4,7 +4,6 @@
 
 import { UnsupportedImageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
-import { openImageWithFormat } from '../open.js';
 import type { FormatDriver, FormatRegistry, OpenImageOptions } from '../registry.js';
 import { resolveBackingPath } from './backing-path.js';
 import { QedDevice } from './driver.js';
@@ -39,6 +38,8 @@ export async function openQedPath(path: string, opts: QedPathOptions = {}): Prom
         if (allow === false) throw new UnsupportedImageError(`qed: ${path} has backing file ${JSON.stringify(ref.fileName)} and backing files are not allowed here`);
         const dirs = Array.isArray(allow) ? allow.filter((d): d is string => typeof d === 'string') : undefined;
         const target = await resolveBackingPath('qed', path, ref.fileName, dirs);
+        // Imported when needed: open.js imports the registry, which imports this module.
+        const { openImageWithFormat } = await import('../open.js');
         const r = await openImageWithFormat(target, {
           readOnly: true,
           backingDepth: depth + 1,
