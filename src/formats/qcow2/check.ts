@@ -24,6 +24,7 @@ export interface CheckTarget {
   readonly l1: Buffer;
   readonly l2Cache: TableCache;
   readonly snapshots: readonly Qcow2Snapshot[];
+  readonly snapshotsOffset: number;
   readonly snapshotTableBytes: number;
   readonly refcounts: RefcountManager;
   readonly state: ImageState;
@@ -109,7 +110,7 @@ async function countReferences(t: CheckTarget, fileSize: number): Promise<Count>
   };
   await walkL1(t.l1TableOffset, t.l1Offsets.length, t.l1Offsets, 'L1 table');
   for (const s of t.snapshots) await walkL1(s.l1TableOffset, s.l1Size, null, `snapshot ${s.id} L1 table`);
-  if (t.snapshotTableBytes > 0) inc(t.header.snapshotsOffset, t.snapshotTableBytes, 'snapshot table');
+  if (t.snapshotTableBytes > 0) inc(t.snapshotsOffset, t.snapshotTableBytes, 'snapshot table');
   const rc = t.refcounts;
   inc(rc.reftableOffset, rc.reftableClusters * cs, 'refcount table');
   for (const off of rc.reftable) if (off !== 0) inc(off, cs, 'refcount block');

@@ -47,6 +47,7 @@ import {
 } from './map.js';
 import { decodeReftable, RefcountManager, type ImageState } from './refcount.js';
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
+import { adjustTreeRefcounts, encodeSnapshotTable, refreshCopiedFlags, snapshotExtraData, type SnapshotTarget } from './snapshot-ops.js';
 import { writeU64 } from '../../util/u64.js';
 
 export interface BackingRef {
@@ -111,7 +112,8 @@ export class Qcow2Device implements BlockDevice {
   readonly header: Qcow2Header;
   readonly geometry: Qcow2Geometry;
   readonly readOnly: boolean;
-  readonly snapshots: readonly Qcow2Snapshot[];
+  private snapshotList: Qcow2Snapshot[];
+  private snapshotsOffset: number;
   private readonly file: HostFile;
   /** Where guest data lives: the image itself or its external data file. */
   private readonly data: HostFile;
@@ -126,7 +128,7 @@ export class Qcow2Device implements BlockDevice {
   private readonly clusterLock = new RangeLock();
   private readonly lazyRefcounts: boolean;
   private dirty: boolean;
-  private readonly snapshotTableBytes: number;
+  private snapshotTableBytes: number;
   private readonly zeroCluster: Buffer;
   private closed = false;
   private readonly imageSync: SyncBatcher;
@@ -167,7 +169,8 @@ export class Qcow2Device implements BlockDevice {
     this.l1 = init.l1;
     this.l1Offsets = init.l1Offsets;
     this.l1TableOffset = init.l1TableOffset;
-    this.snapshots = init.snapshots;
+    this.snapshotList = init.snapshots;
+    this.snapshotsOffset = h.snapshotsOffset;
     this.snapshotTableBytes = init.snapshotTableBytes;
     this.lazyRefcounts = (h.compatibleFeatures & QCOW2_COMPAT_LAZY_REFCOUNTS) !== 0n;
     this.dirty = (h.incompatibleFeatures & QCOW2_INCOMPAT.DIRTY) !== 0n;
@@ -313,7 +316,7 @@ export class Qcow2Device implements BlockDevice {
       { what: 'L1 table', start: this.l1TableOffset, end: this.l1TableOffset + this.l1Offsets.length * 8 },
       { what: 'refcount table', start: this.refcounts.reftableOffset, end: this.refcounts.reftableOffset + this.refcounts.reftableClusters * cs },
     ];
-    if (this.snapshotTableBytes > 0) r.push({ what: 'snapshot table', start: this.header.snapshotsOffset, end: this.header.snapshotsOffset + this.snapshotTableBytes });
+    if (this.snapshotTableBytes > 0) r.push({ what: 'snapshot table', start: this.snapshotsOffset, end: this.snapshotsOffset + this.snapshotTableBytes });
     this.fixedCache = { reftableOffset: this.refcounts.reftableOffset, ranges: r };
     return r;
   }
@@ -328,7 +331,8 @@ export class Qcow2Device implements BlockDevice {
       l1Offsets: this.l1Offsets,
       l1: this.l1,
       l2Cache: this.l2Cache,
-      snapshots: this.snapshots,
+      snapshots: this.snapshotList,
+      snapshotsOffset: this.snapshotsOffset,
       snapshotTableBytes: this.snapshotTableBytes,
       refcounts: this.refcounts,
       state: this.state,
@@ -812,6 +816,181 @@ export class Qcow2Device implements BlockDevice {
     await this.imageSync.sync();
   }
 
+  /** The internal snapshots, in table order. */
+  get snapshots(): readonly Qcow2Snapshot[] {
+    return this.snapshotList;
+  }
+
+  private findSnapshot(idOrName: string): Qcow2Snapshot {
+    const s = this.snapshotList.find((sn) => sn.id === idOrName) ?? this.snapshotList.find((sn) => sn.name === idOrName);
+    if (!s) throw new UsageError(`qcow2: no snapshot ${JSON.stringify(idOrName)} in the image`);
+    return s;
+  }
+
+  private assertSnapshotsWritable(): void {
+    this.assertWritable();
+    if (this.servedSnapshot !== null) throw new UsageError('qcow2: snapshots cannot be changed through a snapshot view');
+    if (this.geometry.externalData) throw new UnsupportedImageError('qcow2: internal snapshots are not allowed with an external data file');
+  }
+
+  /** Everything quiesced: no request in flight, metadata lock held. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return this.guardCorrupt(() => this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () => this.metaLock.run(fn)));
+  }
+
+  private snapshotTarget(): SnapshotTarget {
+    return { file: this.file, geometry: this.geometry, refcounts: this.refcounts, l2Cache: this.l2Cache, state: this.state };
+  }
+
+  /** Write `list` as a new snapshot table, switch the header to it, free the old one. */
+  private async writeSnapshotTable(list: Qcow2Snapshot[]): Promise<void> {
+    const cs = this.geometry.clusterSize;
+    const table = encodeSnapshotTable(list);
+    let off = 0;
+    if (table.length > 0) {
+      off = await this.refcounts.allocate(Math.ceil(table.length / cs));
+      await this.extendFile();
+      await this.file.pwrite(table, off);
+    }
+    await this.imageSync.sync();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(list.length, 0);
+    writeU64(hdr, off, 4);
+    await this.file.pwrite(hdr, QCOW2_HDR.NB_SNAPSHOTS);
+    await this.imageSync.sync();
+    const oldOffset = this.snapshotsOffset;
+    const oldBytes = this.snapshotTableBytes;
+    this.snapshotList = list;
+    this.snapshotsOffset = off;
+    this.snapshotTableBytes = table.length;
+    this.fixedCache = null;
+    if (oldBytes > 0) await this.refcounts.release(oldOffset, oldBytes);
+  }
+
+  /** Read and validate a snapshot's L1 table. */
+  private async readSnapshotL1(sn: Qcow2Snapshot): Promise<{ raw: Buffer; offsets: number[] }> {
+    const cs = this.geometry.clusterSize;
+    const raw = Buffer.alloc(sn.l1Size * 8);
+    await this.file.pread(raw, sn.l1TableOffset);
+    const offsets: number[] = [];
+    const fixed = this.fixedRanges().filter((r) => r.what !== 'L1 table');
+    for (let i = 0; i < sn.l1Size; i++) {
+      const e = decodeL1Entry(raw, i);
+      if (e.l2Offset !== 0) validateTableCluster(`snapshot ${sn.id} L2 table ${i}`, e.l2Offset, cs, this.state.fileEnd, fixed);
+      offsets.push(e.l2Offset);
+    }
+    return { raw, offsets };
+  }
+
+  private async writeActiveL1IfChanged(changed: boolean): Promise<void> {
+    if (changed) await this.file.pwrite(this.l1, this.l1TableOffset);
+  }
+
+  /** Create an internal snapshot of the current state, like `qemu-img snapshot -c`. */
+  async createSnapshot(name: string): Promise<Qcow2Snapshot> {
+    this.assertSnapshotsWritable();
+    if (this.snapshotList.some((sn) => sn.name === name)) throw new UsageError(`qcow2: a snapshot named ${JSON.stringify(name)} already exists`);
+    if (this.snapshotList.length >= 65535) throw new RequestError('ENOSPC', 'qcow2: too many snapshots');
+    return this.exclusive(async () => {
+      const cs = this.geometry.clusterSize;
+      const l1Bytes = this.l1Offsets.length * 8;
+      let l1Copy = 0;
+      if (l1Bytes > 0) {
+        l1Copy = await this.refcounts.allocate(Math.ceil(l1Bytes / cs));
+        await this.extendFile();
+        await this.file.pwrite(Buffer.from(this.l1.subarray(0, l1Bytes)), l1Copy);
+      }
+      // Every cluster the snapshot now shares gains a reference before anything points at it.
+      await adjustTreeRefcounts(this.snapshotTarget(), this.l1Offsets, 1);
+      await this.writeActiveL1IfChanged(await refreshCopiedFlags(this.snapshotTarget(), this.l1, this.l1Offsets));
+      let maxId = 0;
+      for (const sn of this.snapshotList) maxId = Math.max(maxId, Number.parseInt(sn.id, 10) || 0);
+      const now = Date.now();
+      const snap: Qcow2Snapshot = {
+        l1TableOffset: l1Copy,
+        l1Size: this.l1Offsets.length,
+        id: String(maxId + 1),
+        name,
+        dateSec: Math.floor(now / 1000),
+        dateNsec: (now % 1000) * 1_000_000,
+        vmClockNsec: 0n,
+        vmStateSize: 0,
+        diskSizeBytes: this.sizeBytes,
+        icount: -1n,
+        extraData: snapshotExtraData(this.sizeBytes),
+      };
+      await this.writeSnapshotTable([...this.snapshotList, snap]);
+      return snap;
+    });
+  }
+
+  /** Delete an internal snapshot (by id, else by name), like `qemu-img snapshot -d`. */
+  async deleteSnapshot(idOrName: string): Promise<void> {
+    this.assertSnapshotsWritable();
+    const sn = this.findSnapshot(idOrName);
+    await this.exclusive(async () => {
+      const { offsets } = await this.readSnapshotL1(sn);
+      // The table stops naming the snapshot first; only then do its clusters lose references.
+      await this.writeSnapshotTable(this.snapshotList.filter((x) => x !== sn));
+      await adjustTreeRefcounts(this.snapshotTarget(), offsets, -1);
+      if (sn.l1Size > 0) await this.refcounts.release(sn.l1TableOffset, sn.l1Size * 8);
+      await this.writeActiveL1IfChanged(await refreshCopiedFlags(this.snapshotTarget(), this.l1, this.l1Offsets));
+      await this.imageSync.sync();
+    });
+  }
+
+  /** Revert the active state to a snapshot, like `qemu-img snapshot -a`. */
+  async applySnapshot(idOrName: string): Promise<void> {
+    this.assertSnapshotsWritable();
+    const sn = this.findSnapshot(idOrName);
+    const size = sn.diskSizeBytes ?? this.sizeBytes;
+    await this.exclusive(async () => {
+      const { raw, offsets } = await this.readSnapshotL1(sn);
+      if (sn.l1Size > this.l1Offsets.length) await this.growL1(sn.l1Size);
+      await adjustTreeRefcounts(this.snapshotTarget(), offsets, 1);
+      const old = this.l1Offsets.slice();
+      const l1 = Buffer.alloc(this.l1.length);
+      raw.copy(l1);
+      await this.file.pwrite(l1, this.l1TableOffset);
+      await this.imageSync.sync();
+      this.l1 = l1;
+      this.l1Offsets = old.map((_, i) => (i < offsets.length ? offsets[i]! : 0));
+      await adjustTreeRefcounts(this.snapshotTarget(), old, -1);
+      await this.writeActiveL1IfChanged(await refreshCopiedFlags(this.snapshotTarget(), this.l1, this.l1Offsets));
+      if (size !== this.sizeBytes) {
+        const b = Buffer.alloc(8);
+        writeU64(b, size, 0);
+        await this.file.pwrite(b, 24);
+        this.sizeBytes = size;
+      }
+      await this.imageSync.sync();
+    });
+  }
+
+  /** Move the active L1 table to a larger copy (metadata lock held): written and flushed first. */
+  private async growL1(needed: number): Promise<void> {
+    const cs = this.geometry.clusterSize;
+    const clusters = Math.ceil((needed * 8) / cs);
+    const off = await this.refcounts.allocate(clusters);
+    await this.extendFile();
+    const l1 = Buffer.alloc(clusters * cs);
+    this.l1.copy(l1);
+    await this.file.pwrite(l1, off);
+    await this.imageSync.sync();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(needed, 0);
+    writeU64(hdr, off, 4);
+    await this.file.pwrite(hdr, QCOW2_HDR.L1_SIZE);
+    await this.imageSync.sync();
+    const oldOffset = this.l1TableOffset;
+    const oldBytes = this.l1Offsets.length * 8;
+    this.l1 = l1.subarray(0, needed * 8);
+    this.l1Offsets = this.l1Offsets.concat(new Array<number>(needed - this.l1Offsets.length).fill(0));
+    this.l1TableOffset = off;
+    this.fixedCache = null;
+    if (oldBytes > 0) await this.refcounts.release(oldOffset, oldBytes);
+  }
+
   /**
    * Grow the virtual disk to `newSizeBytes` (rounded up to 512 like QEMU). A larger L1 table is
    * written and flushed before the header points at it; the old one is freed afterwards.
@@ -823,32 +1002,11 @@ export class Qcow2Device implements BlockDevice {
     const size = Math.ceil(newSizeBytes / 512) * 512;
     if (size < this.sizeBytes) throw new RequestError('ENOTSUP', 'qcow2: shrinking is not supported');
     const g = this.geometry;
-    const cs = g.clusterSize;
     await this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () =>
       this.metaLock.run(async () => {
         const needed = l1EntriesFor(size, g.clusterBits, g.l2EntryBytes);
         if (needed * 8 > QCOW2_MAX_L1_BYTES) throw new RequestError('EINVAL', `qcow2: size ${size} needs an L1 table above the 32 MiB limit`);
-        if (needed > this.l1Offsets.length) {
-          const clusters = Math.ceil((needed * 8) / cs);
-          const off = await this.refcounts.allocate(clusters);
-          await this.extendFile();
-          const l1 = Buffer.alloc(clusters * cs);
-          this.l1.copy(l1);
-          await this.file.pwrite(l1, off);
-          await this.imageSync.sync();
-          const hdr = Buffer.alloc(12);
-          hdr.writeUInt32BE(needed, 0);
-          writeU64(hdr, off, 4);
-          await this.file.pwrite(hdr, QCOW2_HDR.L1_SIZE);
-          await this.imageSync.sync();
-          const oldOffset = this.l1TableOffset;
-          const oldBytes = this.l1Offsets.length * 8;
-          this.l1 = l1.subarray(0, needed * 8);
-          this.l1Offsets = this.l1Offsets.concat(new Array<number>(needed - this.l1Offsets.length).fill(0));
-          this.l1TableOffset = off;
-          this.fixedCache = null;
-          if (oldBytes > 0) await this.refcounts.release(oldOffset, oldBytes);
-        }
+        if (needed > this.l1Offsets.length) await this.growL1(needed);
         const b = Buffer.alloc(8);
         writeU64(b, size, 0);
         await this.file.pwrite(b, 24);
