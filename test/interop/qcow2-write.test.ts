@@ -3,7 +3,7 @@
 // leaks. Also covers overlays over a backing file, concurrent requests and driver-created images.
 
 import assert from 'node:assert/strict';
-import { copyFileSync } from 'node:fs';
+import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { createQcow2, type Qcow2CreateOptions } from '../../src/formats/qcow2/create.js';
@@ -262,6 +262,49 @@ for (const cluster of [512, 65536]) {
     const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', img])) as Record<string, unknown>;
     assert.equal(info['virtual-size'], newSize);
     await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x11 0 1M', '-c', 'read -P 0x12 4190208 4096', '-c', `read -P 0 ${4 * MiB} 1M`, '-c', `read -P 0x13 ${newSize - 5000} 5000`, img]);
+    await assertClean(img);
+  });
+}
+
+for (const ctype of ['zlib', 'zstd'] as const) {
+  test(`qcow2 write: compressed clusters (${ctype}) written by the driver read back in qemu-img`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const img = join(dir, 'c.qcow2');
+    const cs = 16384;
+    const size = 4 * MiB;
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cs},compression_type=${ctype}`, img, String(size)]);
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x10 0 1M', img]);
+    // Compressible clusters of varied content, one incompressible, one all zeros.
+    const src = Buffer.alloc(size);
+    const rnd = prng(ctype === 'zlib' ? 41 : 42);
+    for (let c = 0; c < size / cs; c++) {
+      const chunk = src.subarray(c * cs, (c + 1) * cs);
+      if (c === 7) for (let i = 0; i < cs; i++) chunk[i] = Math.floor(rnd() * 256);
+      else if (c !== 9) for (let i = 0; i < cs; i += 64) chunk.fill(Math.floor(rnd() * 4) + c, i, i + 64);
+    }
+    const dev = await openQcow2Chain(img);
+    for (let c = 0; c < size / cs; c++) await dev.writeCompressed(src.subarray(c * cs, (c + 1) * cs), c * cs);
+    await dev.close();
+    const raw = join(dir, 'src.raw');
+    writeFileSync(raw, src);
+    let cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, img]);
+    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+    const chk = await qemuCheck(img);
+    assert.equal(chk.code, 0, JSON.stringify(chk.json));
+    assert.ok(Number(chk.json['compressed-clusters']) > 200, JSON.stringify(chk.json));
+    // Rewriting compressed clusters in place: partial writes, zeroes, trims.
+    const dev2 = await openQcow2Chain(img);
+    await dev2.pwrite(Buffer.alloc(1000, 0x99), 3 * cs + 100);
+    await dev2.zero(10 * cs, 2 * cs);
+    await dev2.trim(20 * cs, 3 * cs);
+    await dev2.close();
+    src.fill(0x99, 3 * cs + 100, 3 * cs + 1100);
+    src.fill(0, 10 * cs, 12 * cs);
+    src.fill(0, 20 * cs, 23 * cs);
+    writeFileSync(raw, src);
+    cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, img]);
+    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
     await assertClean(img);
   });
 }

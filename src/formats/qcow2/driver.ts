@@ -14,7 +14,7 @@ import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, Extent
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
-import { decompressCluster } from './compress.js';
+import { compressCluster, decompressCluster } from './compress.js';
 import { checkQcow2, type CheckMode, type CheckResult, type CheckTarget } from './check.js';
 import {
   decodeQcow2Header,
@@ -131,6 +131,8 @@ export class Qcow2Device implements BlockDevice {
   private snapshotTableBytes: number;
   private readonly zeroCluster: Buffer;
   private closed = false;
+  /** Where the next compressed cluster may be packed (QEMU's free_byte_offset); 0: none. */
+  private freeByteOffset = 0;
   private readonly imageSync: SyncBatcher;
   private readonly dataSync: SyncBatcher;
   private fixedCache: { reftableOffset: number; ranges: Range[] } | null = null;
@@ -196,6 +198,9 @@ export class Qcow2Device implements BlockDevice {
       cacheTables: (init.opts.refcountCacheBytes ?? DEFAULT_REFCOUNT_CACHE_BYTES) / cs,
       fixedRanges: () => this.fixedRanges(),
     });
+    this.refcounts.onFree = (c) => {
+      if (Math.floor(this.freeByteOffset / cs) === c) this.freeByteOffset = 0;
+    };
   }
 
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
@@ -693,6 +698,64 @@ export class Qcow2Device implements BlockDevice {
     return off;
   }
 
+
+  /**
+   * Write one whole guest cluster compressed (the last one may be short), packing the data
+   * byte-granular after the previous compressed cluster like QEMU. Falls back to a plain write
+   * when the data does not compress.
+   */
+  async writeCompressed(buf: Buffer, offset: number): Promise<void> {
+    this.assertWritable();
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    if (offset % cs !== 0 || (buf.length !== cs && offset + buf.length !== this.sizeBytes) || buf.length > cs) {
+      throw new RequestError('EINVAL', 'qcow2: compressed writes cover exactly one cluster');
+    }
+    this.checkRange(offset, buf.length);
+    if (g.externalData) throw new UnsupportedImageError('qcow2: compressed clusters are not allowed with an external data file');
+    const full = buf.length === cs ? buf : Buffer.concat([buf, Buffer.alloc(cs - buf.length)]);
+    const packed = await compressCluster(this.header.compressionType, full);
+    // QEMU writes a cluster plainly when compression does not fit in less than a cluster.
+    if (packed === null || packed.length > cs - 512) return this.pwrite(buf, offset);
+    const cluster = offset / cs;
+    await this.guardCorrupt(() =>
+      this.clusterLock.run(cluster, cluster, true, async () => {
+        const old = await this.entry(cluster);
+        const hostOffset = await this.metaLock.run(async () => {
+          await this.markDirtyIfLazy();
+          return this.allocateBytes(packed.length);
+        });
+        await this.file.pwrite(packed, hostOffset);
+        if (!this.lazyRefcounts) await this.imageSync.sync();
+        await this.metaLock.run(async () => {
+          const l1Index = Math.floor(cluster / g.l2Entries);
+          const tableOffset = await this.writableL2(l1Index);
+          const table = await this.l2Cache.get(tableOffset);
+          const idx = cluster % g.l2Entries;
+          encodeCompressedEntry(g, table, idx, hostOffset, packed.length);
+          await this.l2Cache.write(tableOffset, table, { start: idx * g.l2EntryBytes, end: (idx + 1) * g.l2EntryBytes });
+          await this.releaseOld([old]);
+        });
+      }),
+    );
+  }
+
+  /** Byte-granular allocation for compressed data (metadata lock held). */
+  private async allocateBytes(size: number): Promise<number> {
+    const cs = this.geometry.clusterSize;
+    const at = this.freeByteOffset;
+    if (at !== 0 && at % cs !== 0 && cs - (at % cs) >= size && (await this.refcounts.get(Math.floor(at / cs))) > 0) {
+      // Another compressed cluster's host cluster takes one more reference.
+      await this.refcounts.add(Math.floor(at / cs), 1);
+      this.freeByteOffset = at + size;
+      return at;
+    }
+    const start = await this.refcounts.allocate(Math.ceil(size / cs));
+    await this.extendFile();
+    this.freeByteOffset = start + size;
+    return start;
+  }
+
   // ---- zero and trim -------------------------------------------------------------------------
 
   /** Whole (sub)clusters of [offset, offset+length): the end of the disk counts as a boundary. */
@@ -1123,6 +1186,8 @@ export class Qcow2Device implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Let requests already in flight finish before the files go away.
+    await this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () => this.metaLock.run(async () => undefined)).catch(() => undefined);
     try {
       if (!this.readOnly) {
         await this.syncData();
@@ -1151,3 +1216,13 @@ export function openQcow2(file: HostFile, opts: Qcow2OpenOptions = {}): Promise<
 }
 
 export { SUB_COMPRESSED, SUB_DATA, SUB_UNALLOCATED, SUB_ZERO };
+
+/** Encode a compressed cluster descriptor: byte offset, then extra 512-byte sectors, bit 62. */
+function encodeCompressedEntry(g: Qcow2Geometry, table: Buffer, index: number, hostOffset: number, bytes: number): void {
+  const x = BigInt(62 - (g.clusterBits - 8));
+  const extraSectors = BigInt(Math.floor((hostOffset + bytes - 1) / 512) - Math.floor(hostOffset / 512));
+  const v = (1n << 62n) | (extraSectors << x) | BigInt(hostOffset);
+  const pos = index * g.l2EntryBytes;
+  table.writeBigUInt64BE(v, pos);
+  if (g.extL2) table.writeBigUInt64BE(0n, pos + 8);
+}

@@ -108,6 +108,8 @@ export class RefcountManager {
   readonly reftable: number[];
   private readonly cache: TableCache;
   private freeHint = 0;
+  /** Told about every cluster whose refcount drops to zero (it may be reused from then on). */
+  onFree: ((clusterIndex: number) => void) | null = null;
   /** Extra clusters to treat as in use (used while rebuilding refcounts). */
   reserved: ((clusterIndex: number) => boolean) | null = null;
 
@@ -151,7 +153,10 @@ export class RefcountManager {
     const block = await this.cache.get(off);
     const range = writeRefcountEntry(block, clusterIndex % this.blockEntries, this.order, value);
     await this.cache.write(off, block, range);
-    if (value === 0 && clusterIndex < this.freeHint) this.freeHint = clusterIndex;
+    if (value === 0) {
+      if (clusterIndex < this.freeHint) this.freeHint = clusterIndex;
+      this.onFree?.(clusterIndex);
+    }
   }
 
   async add(clusterIndex: number, delta: number): Promise<number> {
