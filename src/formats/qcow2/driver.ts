@@ -14,6 +14,7 @@ import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, Extent
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
+import { CompressedAllocator, planTrim, planWrite, planZero, touchedSubclusters, type ClusterPlan, type EntryUpdate } from './alloc.js';
 import { compressCluster, decompressCluster } from './compress.js';
 import { checkQcow2, type CheckMode, type CheckResult, type CheckTarget } from './check.js';
 import {
@@ -29,7 +30,6 @@ import {
 import { TableCache } from './l2-cache.js';
 import { Mutex, RangeLock, SyncBatcher } from './locks.js';
 import {
-  ALL_SUBCLUSTERS,
   decodeL1Entry,
   decodeL2Entry,
   encodeL1Entry,
@@ -39,7 +39,6 @@ import {
   SUB_DATA,
   SUB_UNALLOCATED,
   SUB_ZERO,
-  subclusterMask,
   subclusterStatus,
   UNALLOCATED_ENTRY,
   type L2Entry,
@@ -84,25 +83,6 @@ interface Range {
   readonly end: number;
 }
 
-/** One guest cluster touched by a write: what to write where, and the L2 entry to install. */
-interface ClusterPlan {
-  readonly cluster: number;
-  /** Byte range inside the cluster the caller's data covers. */
-  readonly a: number;
-  readonly b: number;
-  readonly old: L2Entry;
-  /** Byte range inside the cluster to write to the host (covers [a, b)). */
-  spanStart: number;
-  spanEnd: number;
-  newAlloc: number;
-  newZero: number;
-  /** Needs a fresh host cluster. */
-  allocate: boolean;
-  hostOffset: number;
-  /** Update the L2 entry after the data is written. */
-  updateEntry: boolean;
-}
-
 const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
 const DEFAULT_REFCOUNT_CACHE_BYTES = 1024 * 1024;
 
@@ -131,8 +111,7 @@ export class Qcow2Device implements BlockDevice {
   private snapshotTableBytes: number;
   private readonly zeroCluster: Buffer;
   private closed = false;
-  /** Where the next compressed cluster may be packed (QEMU's free_byte_offset); 0: none. */
-  private freeByteOffset = 0;
+  private readonly compressedSpace: CompressedAllocator;
   private readonly imageSync: SyncBatcher;
   private readonly dataSync: SyncBatcher;
   private fixedCache: { reftableOffset: number; ranges: Range[] } | null = null;
@@ -198,9 +177,8 @@ export class Qcow2Device implements BlockDevice {
       cacheTables: (init.opts.refcountCacheBytes ?? DEFAULT_REFCOUNT_CACHE_BYTES) / cs,
       fixedRanges: () => this.fixedRanges(),
     });
-    this.refcounts.onFree = (c) => {
-      if (Math.floor(this.freeByteOffset / cs) === c) this.freeByteOffset = 0;
-    };
+    this.compressedSpace = new CompressedAllocator(this.refcounts, cs, () => this.extendFile());
+    this.refcounts.onFree = (c) => this.compressedSpace.forget(c);
   }
 
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
@@ -535,11 +513,6 @@ export class Qcow2Device implements BlockDevice {
     if (opts.fua) await this.flush();
   }
 
-  private subMask(a: number, b: number): number {
-    const g = this.geometry;
-    return subclusterMask(Math.floor(a / g.subclusterSize), Math.floor((b - 1) / g.subclusterSize));
-  }
-
   /** Write guest data; callers hold the cluster range exclusively. */
   private async writeGuest(buf: Buffer, offset: number): Promise<void> {
     const g = this.geometry;
@@ -550,36 +523,7 @@ export class Qcow2Device implements BlockDevice {
       const cluster = Math.floor(guest / cs);
       const a = guest - cluster * cs;
       const b = Math.min(cs, a + buf.length - done);
-      const old = await this.entry(cluster);
-      const touched = this.subMask(a, b);
-      const p: ClusterPlan = { cluster, a, b, old, spanStart: a, spanEnd: b, newAlloc: old.alloc, newZero: old.zero, allocate: false, hostOffset: old.hostOffset, updateEntry: false };
-      if (old.hasHost && (old.copied || g.externalData)) {
-        if ((old.alloc & touched) >>> 0 !== touched) {
-          // Subclusters (or a preallocated zero cluster) get data in place: pad to subclusters.
-          p.spanStart = Math.floor(a / g.subclusterSize) * g.subclusterSize;
-          p.spanEnd = Math.ceil(b / g.subclusterSize) * g.subclusterSize;
-          p.newAlloc = (old.alloc | touched) >>> 0;
-          p.newZero = (old.zero & ~touched) >>> 0;
-          p.updateEntry = true;
-        }
-      } else {
-        p.allocate = true;
-        p.updateEntry = true;
-        if (old.compressed) p.newAlloc = ALL_SUBCLUSTERS;
-        else if (old.hasHost) p.newAlloc = (old.alloc | touched) >>> 0;
-        else p.newAlloc = touched;
-        if (!g.extL2) p.newAlloc = 1;
-        p.newZero = (old.zero & ~p.newAlloc) >>> 0;
-        // Write every subcluster the new cluster will claim, from its first to its last.
-        const firstSub = 31 - Math.clz32(p.newAlloc & -p.newAlloc);
-        const lastSub = 31 - Math.clz32(p.newAlloc);
-        p.spanStart = Math.min(a, firstSub * g.subclusterSize);
-        p.spanEnd = Math.max(b, Math.min(cs, (lastSub + 1) * g.subclusterSize));
-        if (!g.extL2) {
-          p.spanStart = 0;
-          p.spanEnd = cs;
-        }
-      }
+      const p = planWrite(g, cluster, a, b, await this.entry(cluster));
       plans.push(p);
       done += b - a;
     }
@@ -643,7 +587,7 @@ export class Qcow2Device implements BlockDevice {
   }
 
   /** Install new L2 entries (metadata lock held), allocating or copying L2 tables as needed. */
-  private async writeEntries(updates: readonly { cluster: number; entry: { hostOffset: number; copied: boolean; alloc: number; zero: number } }[]): Promise<void> {
+  private async writeEntries(updates: readonly { cluster: number; entry: EntryUpdate }[]): Promise<void> {
     const g = this.geometry;
     const byTable = new Map<number, typeof updates[number][]>();
     for (const u of updates) {
@@ -723,7 +667,7 @@ export class Qcow2Device implements BlockDevice {
         const old = await this.entry(cluster);
         const hostOffset = await this.metaLock.run(async () => {
           await this.markDirtyIfLazy();
-          return this.allocateBytes(packed.length);
+          return this.compressedSpace.allocate(packed.length);
         });
         await this.file.pwrite(packed, hostOffset);
         if (!this.lazyRefcounts) await this.imageSync.sync();
@@ -738,22 +682,6 @@ export class Qcow2Device implements BlockDevice {
         });
       }),
     );
-  }
-
-  /** Byte-granular allocation for compressed data (metadata lock held). */
-  private async allocateBytes(size: number): Promise<number> {
-    const cs = this.geometry.clusterSize;
-    const at = this.freeByteOffset;
-    if (at !== 0 && at % cs !== 0 && cs - (at % cs) >= size && (await this.refcounts.get(Math.floor(at / cs))) > 0) {
-      // Another compressed cluster's host cluster takes one more reference.
-      await this.refcounts.add(Math.floor(at / cs), 1);
-      this.freeByteOffset = at + size;
-      return at;
-    }
-    const start = await this.refcounts.allocate(Math.ceil(size / cs));
-    await this.extendFile();
-    this.freeByteOffset = start + size;
-    return start;
   }
 
   // ---- zero and trim -------------------------------------------------------------------------
@@ -776,11 +704,10 @@ export class Qcow2Device implements BlockDevice {
     if (length === 0) return;
     const g = this.geometry;
     const cs = g.clusterSize;
-    const canFlag = g.zeroFlag || g.extL2;
     const [first, last] = this.clusterRange(offset, length);
     await this.guardCorrupt(() => this.clusterLock.run(first, last, true, async () => {
       const slow: { offset: number; length: number }[] = [];
-      const updates: { cluster: number; entry: { hostOffset: number; copied: boolean; alloc: number; zero: number } }[] = [];
+      const updates: { cluster: number; entry: EntryUpdate }[] = [];
       const olds: L2Entry[] = [];
       const clusters: [number, number, number][] = [];
       this.forEachCluster(offset, length, (c, a, b) => clusters.push([c, a, b]));
@@ -794,27 +721,11 @@ export class Qcow2Device implements BlockDevice {
         if (ze < b && ze >= zs) slow.push({ offset: c * cs + ze, length: b - ze });
         if (ze <= zs) continue;
         const e = await this.entry(c);
-        const Z = this.subMask(zs, ze);
-        const whole = Z === (g.extL2 ? ALL_SUBCLUSTERS : 1);
-        const keepHost = e.hasHost && (e.copied || g.externalData);
-        if (!canFlag) {
-          const unallocated = !e.compressed && !e.hasHost;
-          if (this.backing === null && unallocated) continue;
-          if (this.backing === null && whole && opts.mayTrim) {
-            updates.push({ cluster: c, entry: { hostOffset: 0, copied: false, alloc: 0, zero: 0 } });
-            olds.push(e);
-          } else slow.push({ offset: c * cs + zs, length: Math.min(ze, virtEnd) - zs });
-          continue;
-        }
-        if (whole) {
-          if (keepHost && !opts.mayTrim) updates.push({ cluster: c, entry: { hostOffset: e.hostOffset, copied: true, alloc: 0, zero: g.extL2 ? ALL_SUBCLUSTERS : 1 } });
-          else {
-            updates.push({ cluster: c, entry: { hostOffset: 0, copied: false, alloc: 0, zero: g.extL2 ? ALL_SUBCLUSTERS : 1 } });
-            olds.push(e);
-          }
-        } else if (keepHost || (!e.compressed && !e.hasHost)) {
-          updates.push({ cluster: c, entry: { hostOffset: e.hostOffset, copied: keepHost, alloc: (e.alloc & ~Z) >>> 0, zero: (e.zero | Z) >>> 0 } });
-        } else slow.push({ offset: c * cs + zs, length: Math.min(ze, virtEnd) - zs });
+        const d = planZero(g, e, touchedSubclusters(g, zs, ze), opts.mayTrim ?? false, this.backing !== null);
+        if (d.kind === 'update') {
+          updates.push({ cluster: c, entry: d.entry });
+          if (d.releaseOld) olds.push(e);
+        } else if (d.kind === 'write') slow.push({ offset: c * cs + zs, length: Math.min(ze, virtEnd) - zs });
       }
       if (opts.fast && slow.length > 0) throw new RequestError('ENOTSUP', 'qcow2: this zero request cannot be done without writing data');
       if (updates.length > 0) {
@@ -843,7 +754,7 @@ export class Qcow2Device implements BlockDevice {
     if (!g.zeroFlag && !g.extL2 && this.backing !== null) return;
     const [first, last] = this.clusterRange(offset, length);
     await this.guardCorrupt(() => this.clusterLock.run(first, last, true, async () => {
-      const updates: { cluster: number; entry: { hostOffset: number; copied: boolean; alloc: number; zero: number } }[] = [];
+      const updates: { cluster: number; entry: EntryUpdate }[] = [];
       const olds: L2Entry[] = [];
       const clusters: [number, number, number][] = [];
       this.forEachCluster(offset, length, (c, a, b) => clusters.push([c, a, b]));
@@ -851,12 +762,9 @@ export class Qcow2Device implements BlockDevice {
         // Like QEMU, only whole clusters are discarded (the disk's end closes the last one).
         if (a !== 0 || (b !== cs && c * cs + b !== this.sizeBytes)) continue;
         const e = await this.entry(c);
-        const allocated = e.compressed || e.hasHost;
-        // Discarded clusters read as zeros rather than exposing backing data, as QEMU does.
-        let zero = 0;
-        if (this.backing !== null || allocated) zero = g.extL2 ? ALL_SUBCLUSTERS : g.zeroFlag ? 1 : 0;
-        if (!allocated && e.zero === zero) continue;
-        updates.push({ cluster: c, entry: { hostOffset: 0, copied: false, alloc: 0, zero } });
+        const entry = planTrim(g, e, this.backing !== null);
+        if (entry === null) continue;
+        updates.push({ cluster: c, entry });
         olds.push(e);
       }
       if (updates.length === 0) return;
