@@ -11,11 +11,11 @@
 
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
-import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
 import { CompressedAllocator, planTrim, planWrite, planZero, touchedSubclusters, type ClusterPlan, type EntryUpdate } from './alloc.js';
 import { compressCluster, decompressCluster } from './compress.js';
+import { collectAllocationDepth, collectExtents, type StatusSource } from './extents.js';
 import { checkQcow2, type CheckMode, type CheckResult, type CheckTarget } from './check.js';
 import {
   decodeQcow2Header,
@@ -35,7 +35,6 @@ import {
   encodeL1Entry,
   encodeL2Entry,
   makeGeometry,
-  SUB_COMPRESSED,
   SUB_DATA,
   SUB_UNALLOCATED,
   SUB_ZERO,
@@ -112,6 +111,7 @@ export class Qcow2Device implements BlockDevice {
   private readonly zeroCluster: Buffer;
   private closed = false;
   private readonly compressedSpace: CompressedAllocator;
+  private readonly statusSource: StatusSource;
   private readonly imageSync: SyncBatcher;
   private readonly dataSync: SyncBatcher;
   private fixedCache: { reftableOffset: number; ranges: Range[] } | null = null;
@@ -179,6 +179,7 @@ export class Qcow2Device implements BlockDevice {
     });
     this.compressedSpace = new CompressedAllocator(this.refcounts, cs, () => this.extendFile());
     this.refcounts.onFree = (c) => this.compressedSpace.forget(c);
+    this.statusSource = { geometry: this.geometry, backing: this.backing, entry: (c) => this.entry(c) };
   }
 
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
@@ -991,104 +992,12 @@ export class Qcow2Device implements BlockDevice {
 
   async extents(offset: number, length: number, opts: ExtentsOptions = {}): Promise<Extent[]> {
     this.checkRange(offset, length);
-    const out: Extent[] = [];
-    const push = (len: number, flags: number): void => {
-      const lastE = out[out.length - 1];
-      if (lastE && lastE.flags === flags) out[out.length - 1] = { length: lastE.length + len, flags };
-      else out.push({ length: len, flags });
-    };
-    await this.walkStatus(offset, length, async (pos, n, status) => {
-      if (status === SUB_DATA || status === SUB_COMPRESSED) push(n, 0);
-      else if (status === SUB_ZERO) push(n, EXTENT_HOLE | EXTENT_ZERO);
-      else {
-        const b = this.backing;
-        const have = b === null ? 0 : Math.max(0, Math.min(n, b.sizeBytes - pos));
-        if (have > 0) {
-          if (b!.extents) {
-            let p = pos;
-            while (p < pos + have) {
-              const ext = await b!.extents(p, pos + have - p);
-              if (ext.length === 0) {
-                push(pos + have - p, 0);
-                break;
-              }
-              for (const x of ext) {
-                const len = Math.min(x.length, pos + have - p);
-                if (len <= 0) break;
-                push(len, x.flags);
-                p += len;
-              }
-            }
-          } else push(have, 0);
-        }
-        if (have < n) push(n - have, EXTENT_HOLE | EXTENT_ZERO);
-      }
-      return !(opts.one && out.length > 1);
-    });
-    if (opts.one && out.length > 1) out.length = 1;
-    return out;
+    return collectExtents(this.statusSource, offset, length, opts.one ?? false);
   }
 
   async allocationDepth(offset: number, length: number): Promise<DepthExtent[]> {
     this.checkRange(offset, length);
-    const out: DepthExtent[] = [];
-    const push = (len: number, depth: number): void => {
-      const lastE = out[out.length - 1];
-      if (lastE && lastE.depth === depth) out[out.length - 1] = { length: lastE.length + len, depth };
-      else out.push({ length: len, depth });
-    };
-    await this.walkStatus(offset, length, async (pos, n, status) => {
-      if (status !== SUB_UNALLOCATED) return (push(n, 1), true);
-      const b = this.backing;
-      const have = b === null ? 0 : Math.max(0, Math.min(n, b.sizeBytes - pos));
-      if (have > 0) {
-        if (b!.allocationDepth) {
-          let p = pos;
-          while (p < pos + have) {
-            const ext = await b!.allocationDepth(p, pos + have - p);
-            if (ext.length === 0) {
-              push(pos + have - p, 2);
-              break;
-            }
-            for (const x of ext) {
-              const len = Math.min(x.length, pos + have - p);
-              if (len <= 0) break;
-              push(len, x.depth === 0 ? 0 : x.depth + 1);
-              p += len;
-            }
-          }
-        } else push(have, 2);
-      }
-      if (have < n) push(n - have, 0);
-      return true;
-    });
-    return out;
-  }
-
-  /** Visit runs of equal (sub)cluster status; `fn` returns false to stop early. */
-  private async walkStatus(offset: number, length: number, fn: (pos: number, n: number, status: number) => Promise<boolean>): Promise<void> {
-    const g = this.geometry;
-    let runStart = offset;
-    let runStatus = -1;
-    let pos = offset;
-    const end = offset + length;
-    while (pos < end) {
-      const cluster = Math.floor(pos / g.clusterSize);
-      const e = await this.entry(cluster);
-      const clusterEnd = Math.min(end, (cluster + 1) * g.clusterSize);
-      while (pos < clusterEnd) {
-        const sub = Math.floor((pos - cluster * g.clusterSize) / g.subclusterSize);
-        const status = subclusterStatus(e, sub);
-        const next = Math.min(clusterEnd, cluster * g.clusterSize + (sub + 1) * g.subclusterSize);
-        if (status !== runStatus) {
-          if (runStatus >= 0 && !(await fn(runStart, pos - runStart, runStatus))) return;
-          runStart = pos;
-          runStatus = status;
-        }
-        pos = next;
-      }
-    }
-    if (runStatus >= 0) await fn(runStart, end - runStart, runStatus);
+    return collectAllocationDepth(this.statusSource, offset, length);
   }
 
   async close(): Promise<void> {
@@ -1122,8 +1031,6 @@ function validateTableCluster(what: string, offset: number, cs: number, fileSize
 export function openQcow2(file: HostFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Device> {
   return Qcow2Device.open(file, opts);
 }
-
-export { SUB_COMPRESSED, SUB_DATA, SUB_UNALLOCATED, SUB_ZERO };
 
 /** Encode a compressed cluster descriptor: byte offset, then extra 512-byte sectors, bit 62. */
 function encodeCompressedEntry(g: Qcow2Geometry, table: Buffer, index: number, hostOffset: number, bytes: number): void {
