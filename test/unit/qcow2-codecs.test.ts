@@ -219,3 +219,29 @@ test('qcow2 range lock: overlapping exclusive holders run in arrival order, disj
   assert.ok(log.indexOf('+B') > log.indexOf('-A'), 'reader waited for the writer');
   assert.ok(log.indexOf('+D') > log.indexOf('-A'));
 });
+
+test('qcow2 alloc: write, zero and discard plans follow QEMU', async () => {
+  const { planWrite, planZero, planTrim } = await import('../../src/formats/qcow2/alloc.js');
+  const { UNALLOCATED_ENTRY } = await import('../../src/formats/qcow2/map.js');
+  const std = makeGeometry(16, false, 3);
+  const ext = makeGeometry(16, true, 3);
+  const owned = { ...UNALLOCATED_ENTRY, hasHost: true, hostOffset: 0x50000, copied: true, alloc: 1 };
+  // Overwriting a cluster we own: in place, no metadata change.
+  const inPlace = planWrite(std, 3, 100, 200, owned);
+  assert.deepEqual([inPlace.allocate, inPlace.updateEntry, inPlace.spanStart, inPlace.spanEnd, inPlace.hostOffset], [false, false, 100, 200, 0x50000]);
+  // Shared (COPIED clear): a new cluster, whole-cluster span so the rest is copied.
+  const cow = planWrite(std, 3, 100, 200, { ...owned, copied: false });
+  assert.deepEqual([cow.allocate, cow.spanStart, cow.spanEnd, cow.newAlloc], [true, 0, 65536, 1]);
+  // Extended L2, unallocated: only the touched subclusters (2 KiB each) are claimed.
+  const sub = planWrite(ext, 0, 2048 * 3 + 5, 2048 * 5, UNALLOCATED_ENTRY);
+  assert.deepEqual([sub.allocate, sub.newAlloc, sub.spanStart, sub.spanEnd], [true, 0b11000, 2048 * 3, 2048 * 5]);
+  // Zero with NO_HOLE keeps our cluster preallocated; with trim allowed it is released.
+  assert.deepEqual(planZero(std, owned, 1, false, false), { kind: 'update', entry: { hostOffset: 0x50000, copied: true, alloc: 0, zero: 1 }, releaseOld: false });
+  assert.deepEqual(planZero(std, owned, 1, true, false), { kind: 'update', entry: { hostOffset: 0, copied: false, alloc: 0, zero: 1 }, releaseOld: true });
+  // Version 2 has no zero flag: zeros must be written when a backing file could show through.
+  assert.deepEqual(planZero(makeGeometry(16, false, 2), owned, 1, true, true), { kind: 'write' });
+  // Discard: zero flag when allocated or backed, nothing when already unallocated without backing.
+  assert.deepEqual(planTrim(std, owned, false), { hostOffset: 0, copied: false, alloc: 0, zero: 1 });
+  assert.equal(planTrim(std, UNALLOCATED_ENTRY, false), null);
+  assert.deepEqual(planTrim(ext, UNALLOCATED_ENTRY, true), { hostOffset: 0, copied: false, alloc: 0, zero: 0xffffffff });
+});
