@@ -235,3 +235,21 @@ test('qed backing path: confined to the image directory tree unless allowBacking
   await b.close();
   await assert.rejects(openQedPath(inside, { readOnly: true, allowBacking: false }), /backing files are not allowed/);
 });
+
+test('qed: a partial write into a zero cluster fills the rest with zeros, not backing data', async (t) => {
+  // qed_spec.rst: "The new data cluster is populated with zeroes and the data being written."
+  // (QEMU 7.2 copies from the backing file here; the interop twin test works around that.)
+  const dir = tempDir(t);
+  writeFileSync(join(dir, 'base.raw'), Buffer.alloc(MiB, 0xaa));
+  const p = join(dir, 'pz.qed');
+  await createQed(p, { sizeBytes: MiB, backingFile: 'base.raw', backingFormat: 'raw' });
+  const dev = await openQedPath(p);
+  t.after(() => dev.close());
+  await dev.zero!(0, 65536);
+  await dev.pwrite(Buffer.alloc(512, 0x11), 0);
+  const buf = Buffer.alloc(65536 + 512);
+  await dev.pread(buf, 0);
+  assert.ok(buf.subarray(0, 512).every((b) => b === 0x11));
+  assert.ok(buf.subarray(512, 65536).every((b) => b === 0));
+  assert.ok(buf.subarray(65536).every((b) => b === 0xaa));
+});
