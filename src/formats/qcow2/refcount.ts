@@ -254,6 +254,8 @@ export class RefcountManager {
       await this.o.file.pwrite(block, off);
       this.o.state.fileEnd = Math.max(this.o.state.fileEnd, off + this.cs);
       await this.cache.write(off, block, { start: 0, end: 0 });
+      // The block must be on disk before the table entry that makes it count.
+      await this.o.file.datasync();
       const entry = Buffer.alloc(8);
       writeU64(entry, off, 0);
       await this.o.file.pwrite(entry, this.reftableOffset + ti * 8);
