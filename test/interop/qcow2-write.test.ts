@@ -97,8 +97,8 @@ for (const c of configs) {
   });
 }
 
-for (const v of ['1.1', '0.10'] as const) {
-  test(`qcow2 write: random requests on an overlay (compat ${v}) over a backing file match qemu-io`, async (t) => {
+for (const v of ['1.1', '0.10', 'extended_l2'] as const) {
+  test(`qcow2 write: random requests on an overlay (${v}) over a backing file match qemu-io`, async (t) => {
     if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
     const dir = tempDir(t);
     const base = join(dir, 'base.qcow2');
@@ -107,9 +107,10 @@ for (const v of ['1.1', '0.10'] as const) {
     const mine = join(dir, 'mine.qcow2');
     const twin = join(dir, 'twin.qcow2');
     // The overlay is larger than its backing file: the tail reads as zeros.
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `compat=${v},cluster_size=16384`, '-b', 'base.qcow2', '-F', 'qcow2', mine, String(20 * MiB)]);
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `compat=${v},cluster_size=16384`, '-b', 'base.qcow2', '-F', 'qcow2', twin, String(20 * MiB)]);
-    const ops = randomOps(v === '1.1' ? 21 : 22, 250, 20 * MiB, 16384);
+    const o = v === 'extended_l2' ? 'extended_l2=on,cluster_size=32768' : `compat=${v},cluster_size=16384`;
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', o, '-b', 'base.qcow2', '-F', 'qcow2', mine, String(20 * MiB)]);
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', o, '-b', 'base.qcow2', '-F', 'qcow2', twin, String(20 * MiB)]);
+    const ops = randomOps(v === '1.1' ? 21 : v === '0.10' ? 22 : 23, 250, 20 * MiB, v === 'extended_l2' ? 32768 : 16384);
     const dev = await openQcow2Chain(mine);
     for (const op of ops) {
       if (op.kind === 'write') await dev.pwrite(Buffer.alloc(op.len, op.pattern), op.off);
