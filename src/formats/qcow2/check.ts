@@ -166,7 +166,7 @@ export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<Check
   let leaksFixed = 0;
   let corruptionsFixed = 0;
   for (let pass = 0; ; pass++) {
-    const fileSize = await t.file.size();
+    const fileSize = t.file.isBlockDevice ? t.state.fileEnd : await t.file.size();
     const count = await countReferences(t, fileSize);
     let leaks = 0;
     let corruptions = count.errors;

@@ -13,6 +13,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
+import { blockDeviceSize } from '../../sys/libc.js';
 import { CompressedAllocator, planTrim, planWrite, planZero, touchedSubclusters, type ClusterPlan, type EntryUpdate } from './alloc.js';
 import { compressCluster, decompressCluster } from './compress.js';
 import { collectAllocationDepth, collectExtents, type StatusSource } from './extents.js';
@@ -186,7 +187,7 @@ export class Qcow2Device implements BlockDevice {
   static async open(file: HostFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Device> {
     const readOnly = opts.snapshot !== undefined ? true : (opts.readOnly ?? file.readOnly);
     if (!readOnly && file.readOnly) throw new UsageError('qcow2: a writable open needs a writable file');
-    const fileSize = await file.size();
+    const fileSize = await hostFileSize(file);
     const probe = Buffer.alloc(Math.min(512, Math.max(fileSize, 0)));
     await file.pread(probe, 0);
     if (probe.length < 72) throw new CorruptImageError('qcow2 header: file too short');
@@ -584,7 +585,11 @@ export class Qcow2Device implements BlockDevice {
   }
 
   private async extendFile(): Promise<void> {
-    if ((await this.file.size()) < this.state.fileEnd) await this.file.truncate(this.state.fileEnd);
+    const size = await hostFileSize(this.file);
+    if (size >= this.state.fileEnd) return;
+    // A block device cannot grow: the allocation leaks, the request fails.
+    if (this.file.isBlockDevice) throw new RequestError('ENOSPC', `qcow2: ${this.file.path} is full`);
+    await this.file.truncate(this.state.fileEnd);
   }
 
   /** Install new L2 entries (metadata lock held), allocating or copying L2 tables as needed. */
@@ -1040,4 +1045,9 @@ function encodeCompressedEntry(g: Qcow2Geometry, table: Buffer, index: number, h
   const pos = index * g.l2EntryBytes;
   table.writeBigUInt64BE(v, pos);
   if (g.extL2) table.writeBigUInt64BE(0n, pos + 8);
+}
+
+/** Size of the image file: fstat for regular files, BLKGETSIZE64 for block devices. */
+export async function hostFileSize(file: HostFile): Promise<number> {
+  return file.isBlockDevice ? blockDeviceSize(file.fd) : file.size();
 }
