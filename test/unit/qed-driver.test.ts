@@ -7,7 +7,9 @@ import { mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/block/device.js';
-import { CorruptImageError, UnsupportedImageError, UsageError } from '../../src/errors.js';
+import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../src/errors.js';
+import { openImageWithFormat } from '../../src/formats/open.js';
+import { probeFormat, readProbeHead } from '../../src/formats/probe.js';
 import { createQed } from '../../src/formats/qed/create.js';
 import { openQedPath } from '../../src/formats/qed/format.js';
 import { QED_F } from '../../src/formats/qed/header.js';
@@ -252,4 +254,49 @@ test('qed: a partial write into a zero cluster fills the rest with zeros, not ba
   assert.ok(buf.subarray(0, 512).every((b) => b === 0x11));
   assert.ok(buf.subarray(512, 65536).every((b) => b === 0));
   assert.ok(buf.subarray(65536).every((b) => b === 0xaa));
+});
+
+test('qed: a fast zero that would need data writes fails with ENOTSUP and changes nothing', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'f.qed');
+  await createQed(p, { sizeBytes: 4 * MiB });
+  const dev = await openQedPath(p);
+  t.after(() => dev.close());
+  await dev.pwrite(Buffer.alloc(256 * 1024, 7), 0);
+  await assert.rejects(dev.zero!(100, 65536, { fast: true }), (e: unknown) => e instanceof RequestError && e.errno === 'ENOTSUP');
+  const buf = Buffer.alloc(256 * 1024);
+  await dev.pread(buf, 0);
+  assert.ok(buf.every((b) => b === 7));
+  await dev.zero!(65536, 131072, { fast: true, mayTrim: true });
+  await dev.pread(buf, 0);
+  assert.ok(buf.subarray(0, 65536).every((b) => b === 7));
+  assert.ok(buf.subarray(65536, 196608).every((b) => b === 0));
+  assert.ok(buf.subarray(196608).every((b) => b === 7));
+});
+
+test('qed: status of a huge sparse image is answered per L2 span, not per cluster', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'huge.qed');
+  // 2^50 bytes with 64 KiB clusters: 2^34 clusters, which a per-cluster walk could not finish.
+  await createQed(p, { sizeBytes: 2 ** 50, tableSize: 16 });
+  const dev = await openQedPath(p);
+  t.after(() => dev.close());
+  await dev.pwrite(Buffer.alloc(10, 1), 2 ** 49);
+  assert.deepEqual(await dev.extents!(0, 2 ** 50), [
+    { length: 2 ** 49, flags: EXTENT_HOLE | EXTENT_ZERO },
+    { length: 65536, flags: 0 },
+    { length: 2 ** 49 - 65536, flags: EXTENT_HOLE | EXTENT_ZERO },
+  ]);
+});
+
+test('qed and vdi are in the default registry: probed by magic and opened', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'reg.qed');
+  await createQed(p, { sizeBytes: MiB });
+  assert.equal(probeFormat(await readProbeHead(p)), 'qed');
+  const r = await openImageWithFormat(p, { readOnly: true });
+  t.after(() => r.device.close());
+  assert.equal(r.format, 'qed');
+  assert.equal(r.probed, true);
+  assert.equal(r.device.sizeBytes, MiB);
 });

@@ -7,7 +7,9 @@ import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/block/device.js';
-import { CorruptImageError, UnsupportedImageError } from '../../src/errors.js';
+import { CorruptImageError, RequestError, UnsupportedImageError } from '../../src/errors.js';
+import { openImageWithFormat } from '../../src/formats/open.js';
+import { probeFormat, readProbeHead } from '../../src/formats/probe.js';
 import { createVdi } from '../../src/formats/vdi/create.js';
 import { openVdiPath } from '../../src/formats/vdi/format.js';
 import { parseVdiHeader, VDI_DISCARDED } from '../../src/formats/vdi/header.js';
@@ -201,4 +203,35 @@ test('vdi driver: extents and depth report unallocated and discarded blocks as z
   const all = await readAll(ro);
   assert.equal(all[MiB + 5], 1);
   assert.equal(all[2 * MiB + 5], 0, 'a discarded block reads as zeros');
+});
+
+test('vdi: with blocks_allocated at the block count, a new block is refused with ENOSPC and nothing changes', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'full.vdi');
+  await createVdi(p, { sizeBytes: 2 * MiB });
+  const dev = await openVdiPath(p);
+  await dev.pwrite(Buffer.alloc(10, 1), 0);
+  await dev.close();
+  const img = readFileSync(p);
+  img.writeUInt32LE(2, 0x184); // a leaked block: counted, never mapped
+  writeFileSync(p, img);
+  const rw = await openVdiPath(p);
+  t.after(() => rw.close());
+  await rw.pwrite(Buffer.alloc(10, 2), 5);
+  await assert.rejects(rw.pwrite(Buffer.alloc(10, 3), MiB), (e: unknown) => e instanceof RequestError && e.errno === 'ENOSPC');
+  const buf = Buffer.alloc(2 * MiB);
+  await rw.pread(buf, 0);
+  assert.deepEqual([...buf.subarray(0, 16)], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0]);
+  assert.ok(buf.subarray(MiB).every((b) => b === 0));
+});
+
+test('vdi is in the default registry: probed by the signature at 0x40 and opened', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'reg.vdi');
+  await createVdi(p, { sizeBytes: 3 * MiB, static: true });
+  assert.equal(probeFormat(await readProbeHead(p)), 'vdi');
+  const r = await openImageWithFormat(p, { readOnly: true });
+  t.after(() => r.device.close());
+  assert.equal(r.format, 'vdi');
+  assert.equal(r.device.sizeBytes, 3 * MiB);
 });

@@ -389,11 +389,12 @@ export class QedDevice implements BlockDevice {
     this.checkRange(offset, length);
     if (length === 0) return;
     const cs = this.geometry.clusterSize;
-    if (opts.fast && (offset % cs !== 0 || (offset + length) % cs !== 0) && offset + length !== this.sizeBytes) {
+    const end = offset + length;
+    // A fast zero may not write data: partial clusters would need it.
+    if (opts.fast && (offset % cs !== 0 || (end % cs !== 0 && end !== this.sizeBytes))) {
       throw new RequestError('ENOTSUP', `qed: zeroing [${offset}, +${length}) fast needs whole ${cs}-byte clusters`);
     }
     await this.writeLock.run(async () => {
-      const end = offset + length;
       const first = Math.ceil(offset / cs) * cs;
       // The last cluster counts as whole when the range reaches the end of the disk.
       const last = end === this.sizeBytes ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
@@ -402,7 +403,7 @@ export class QedDevice implements BlockDevice {
         return;
       }
       if (offset < first) await this.zeroPartial(offset, first);
-      await this.zeroWholeClusters(first / cs, last / cs, opts.mayTrim === true);
+      await this.zeroWholeClusters(first / cs, last / cs, opts.mayTrim === true, opts.fast === true);
       if (last < end) await this.zeroPartial(last, end);
     });
     if (opts.fua) await this.syncAndClean();
@@ -420,7 +421,7 @@ export class QedDevice implements BlockDevice {
     const first = Math.ceil(offset / cs);
     const last = end === this.sizeBytes ? Math.ceil(end / cs) : Math.floor(end / cs);
     if (first >= last) return;
-    await this.writeLock.run(() => this.zeroWholeClusters(first, last, true));
+    await this.writeLock.run(() => this.zeroWholeClusters(first, last, true, false));
     if (opts.fua) await this.syncAndClean();
   }
 
@@ -437,7 +438,7 @@ export class QedDevice implements BlockDevice {
   }
 
   /** Make guest clusters [first, last) read as zeros. */
-  private async zeroWholeClusters(first: number, last: number, punch: boolean): Promise<void> {
+  private async zeroWholeClusters(first: number, last: number, punch: boolean, fast: boolean): Promise<void> {
     const cs = this.geometry.clusterSize;
     const toZeroCluster: { cluster: number; value: number }[] = [];
     for (let c = first; c < last; c++) {
@@ -445,7 +446,7 @@ export class QedDevice implements BlockDevice {
       if (s.kind === 'zero') continue;
       if (s.kind === 'data') {
         // Keep the mapping (no leak), drop the contents.
-        await this.zeroHost(s.hostOffset, cs, punch);
+        await this.zeroHost(s.hostOffset, cs, punch, fast);
         continue;
       }
       if (await this.backingMayHaveData(c * cs, (c + 1) * cs)) toZeroCluster.push({ cluster: c, value: QED_ZERO_CLUSTER });
@@ -455,7 +456,7 @@ export class QedDevice implements BlockDevice {
     await this.link(toZeroCluster);
   }
 
-  private async zeroHost(hostOffset: number, length: number, punch: boolean): Promise<void> {
+  private async zeroHost(hostOffset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
     const fd = this.file.fd;
     if (punch && !this.punchUnsupported) {
       try {
@@ -473,6 +474,7 @@ export class QedDevice implements BlockDevice {
         this.zeroRangeUnsupported = true;
       }
     }
+    if (fast) throw new RequestError('ENOTSUP', 'qed: the host file system cannot zero ranges without writing');
     await writeZeros((b, o) => this.file.pwrite(b, o), hostOffset, length);
   }
 
@@ -515,8 +517,14 @@ export class QedDevice implements BlockDevice {
     let runKind: QedClusterState['kind'] | null = null;
     for (let pos = offset; pos < end; ) {
       const cluster = Math.floor(pos / cs);
-      const next = Math.min(end, (cluster + 1) * cs);
-      const kind = (await this.lookup(cluster)).kind;
+      let next = Math.min(end, (cluster + 1) * cs);
+      let kind: QedClusterState['kind'];
+      const l1Index = Math.floor(cluster / this.geometry.tableEntries);
+      if (readQedEntry(this.l1, l1Index) === 0) {
+        // No L2 table: its whole span is unallocated, without a lookup per cluster.
+        kind = 'unallocated';
+        next = Math.min(end, (l1Index + 1) * this.geometry.l2SpanBytes);
+      } else kind = (await this.lookup(cluster)).kind;
       if (kind !== runKind) {
         if (runKind !== null && !(await fn(runStart, pos - runStart, runKind))) return;
         runStart = pos;

@@ -138,9 +138,16 @@ export class VdiDevice implements BlockDevice {
 
   private async writeLocked(buf: Buffer, offset: number): Promise<void> {
     const bs = this.header.blockSize;
+    const pieces = [...this.pieces(offset, buf.length)];
+    const needed = pieces.filter((p) => this.blockHost(p.block) < 0).length;
+    // qemu-img check requires every index below blocks_in_image; an image whose count already
+    // reached it (blocks leaked by a crash) has no index left to hand out.
+    if (this.blocksAllocated + needed > this.header.blocksInImage) {
+      throw new RequestError('ENOSPC', `vdi: no free block index (blocks_allocated ${this.blocksAllocated} of ${this.header.blocksInImage})`);
+    }
     const writes: Promise<void>[] = [];
     const fresh: number[] = [];
-    for (const p of this.pieces(offset, buf.length)) {
+    for (const p of pieces) {
       const host = this.blockHost(p.block);
       const src = buf.subarray(p.done, p.done + p.n);
       if (host >= 0) {
@@ -172,25 +179,25 @@ export class VdiDevice implements BlockDevice {
   async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     this.assertWritable();
     this.checkRange(offset, length);
-    await this.writeLock.run(() => this.zeroLocked(offset, length, opts.mayTrim === true));
+    await this.writeLock.run(() => this.zeroLocked(offset, length, opts.mayTrim === true, opts.fast === true));
     if (opts.fua) await this.file.datasync();
   }
 
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     this.assertWritable();
     this.checkRange(offset, length);
-    await this.writeLock.run(() => this.zeroLocked(offset, length, true));
+    await this.writeLock.run(() => this.zeroLocked(offset, length, true, false));
     if (opts.fua) await this.file.datasync();
   }
 
-  private async zeroLocked(offset: number, length: number, punch: boolean): Promise<void> {
+  private async zeroLocked(offset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
     for (const p of this.pieces(offset, length)) {
       const host = this.blockHost(p.block);
-      if (host >= 0) await this.zeroHost(host + p.inBlock, p.n, punch);
+      if (host >= 0) await this.zeroHost(host + p.inBlock, p.n, punch, fast);
     }
   }
 
-  private async zeroHost(hostOffset: number, length: number, punch: boolean): Promise<void> {
+  private async zeroHost(hostOffset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
     const fd = this.file.fd;
     if (punch && !this.punchUnsupported) {
       try {
@@ -208,6 +215,7 @@ export class VdiDevice implements BlockDevice {
         this.zeroRangeUnsupported = true;
       }
     }
+    if (fast) throw new RequestError('ENOTSUP', 'vdi: the host file system cannot zero ranges without writing');
     await writeZeros((b, o) => this.file.pwrite(b, o), hostOffset, length);
   }
 
