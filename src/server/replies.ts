@@ -27,6 +27,7 @@ export class ReplyWriter {
   private readonly pool: BufferPool;
   private readonly pending: Buffer[] = [];
   private pendingHead = 0;
+  private batching = false;
 
   constructor(out: Writable, pool: BufferPool) {
     this.out = out;
@@ -35,6 +36,7 @@ export class ReplyWriter {
 
   /** Replies go to `out` from now on (after a STARTTLS upgrade). */
   retarget(out: Writable): void {
+    if (this.batching) this.out.uncork();
     this.out = out;
   }
 
@@ -49,8 +51,30 @@ export class ReplyWriter {
     this.pool.release(b);
   };
 
+  /**
+   * Replies completed in one event-loop turn leave in one writev: the first of them corks the
+   * socket and the check phase of the same turn uncorks it, so latency is unchanged.
+   */
+  private batch(): void {
+    if (this.batching) return;
+    this.batching = true;
+    this.out.cork();
+    setImmediate(this.endBatch);
+  }
+
+  private readonly endBatch = (): void => {
+    this.batching = false;
+    this.out.uncork();
+  };
+
+  private send(b: Buffer): void {
+    this.batch();
+    this.out.write(b);
+  }
+
   /** Write `chunk` and give `pooled` back to the pool once it has been written. */
   private writePooled(chunk: Buffer, pooled: Buffer): void {
+    this.batch();
     this.pending.push(pooled);
     this.out.write(chunk, this.onWritten);
   }
@@ -58,7 +82,7 @@ export class ReplyWriter {
   simpleOk(cookie: bigint): void {
     const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
     encodeSimpleReply(b, 0, 0, cookie);
-    this.out.write(b);
+    this.send(b);
   }
 
   /** An error reply: a structured ERROR chunk with a message when negotiated, else a simple reply. */
@@ -67,7 +91,7 @@ export class ReplyWriter {
     if (!structured) {
       const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
       encodeSimpleReply(b, 0, value, cookie);
-      this.out.write(b);
+      this.send(b);
       return;
     }
     let msg = Buffer.from(message, 'utf8');
@@ -76,14 +100,14 @@ export class ReplyWriter {
     const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + len);
     encodeChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.ERROR, cookie, len);
     encodeErrorChunk(b, STRUCTURED_REPLY_HEADER_SIZE, value, msg);
-    this.out.write(b);
+    this.send(b);
   }
 
   /** A final NBD_REPLY_TYPE_NONE chunk. */
   structuredDone(cookie: bigint): void {
     const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE);
     encodeChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.NONE, cookie, 0);
-    this.out.write(b);
+    this.send(b);
   }
 
   /**
@@ -115,7 +139,7 @@ export class ReplyWriter {
    */
   readSparse(cookie: bigint, base: number, segments: readonly ReadSegment[], pooled: Buffer): void {
     const out = this.out;
-    out.cork();
+    this.batch();
     const last = segments.length - 1;
     let lastData = -1;
     for (let i = 0; i <= last; i++) if (!segments[i]!.hole) lastData = i;
@@ -140,7 +164,6 @@ export class ReplyWriter {
         else out.write(view);
       }
     }
-    out.uncork();
   }
 
   /** One BLOCK_STATUS chunk per context; the last is DONE. */
@@ -154,6 +177,6 @@ export class ReplyWriter {
       pos = encodeChunkHeader(b, pos, flags, NBD_REPLY_TYPE.BLOCK_STATUS, cookie, blockStatusPayloadSize(c.descriptors.length));
       pos = encodeBlockStatus(b, pos, c.id, c.descriptors);
     });
-    this.out.write(b);
+    this.send(b);
   }
 }
