@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import fc from 'fast-check';
 import { CorruptImageError, UnsupportedImageError } from '../../src/errors.js';
 import { createQed } from '../../src/formats/qed/create.js';
 import { openQedPath } from '../../src/formats/qed/format.js';
@@ -150,4 +151,36 @@ test('qed hostile: a file truncated inside the L1 table is refused', async (t) =
   await createQed(p, { sizeBytes: 16 * 1024 * 1024 });
   truncateSync(p, 65536 + 1000);
   await assert.rejects(openQedPath(p, { readOnly: true }), /L1 table at 65536 .* past the end/);
+});
+
+test('qed header: any valid header survives encode then parse (property)', () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 12, max: 20 }),
+      fc.integer({ min: 0, max: 4 }),
+      fc.integer({ min: 0, max: 7 }),
+      fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }),
+      fc.integer({ min: 0, max: 2 ** 30 }),
+      fc.integer({ min: 1, max: 200 }),
+      (clusterBits, tableBits, features, compat, sectors, nameLen) => {
+        const clusterSize = 2 ** clusterBits;
+        const tableSize = 2 ** tableBits;
+        const n = (clusterSize * tableSize) / 8;
+        const imageSize = Math.min(sectors * 512, Math.floor((n * n * clusterSize) / 512) * 512);
+        const h = {
+          clusterSize,
+          tableSize,
+          headerSize: 1,
+          features,
+          compatFeatures: compat,
+          autoclearFeatures: 0n,
+          l1TableOffset: clusterSize,
+          imageSize,
+          backingFilenameOffset: features & QED_F.BACKING_FILE ? 64 : 0,
+          backingFilenameSize: features & QED_F.BACKING_FILE ? nameLen : 0,
+        };
+        assert.deepEqual(parseQedHeader(encodeQedHeader(h), clusterSize * (1 + tableSize)), h);
+      },
+    ),
+  );
 });

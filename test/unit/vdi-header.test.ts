@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import fc from 'fast-check';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError } from '../../src/errors.js';
 import { openImageWithFormat } from '../../src/formats/open.js';
@@ -234,4 +235,15 @@ test('vdi is in the default registry: probed by the signature at 0x40 and opened
   t.after(() => r.device.close());
   assert.equal(r.format, 'vdi');
   assert.equal(r.device.sizeBytes, 3 * MiB);
+});
+
+test('vdi uuid: text to disk bytes and back is the identity, and only the first 8 bytes move (property)', () => {
+  fc.assert(
+    fc.property(fc.uint8Array({ minLength: 16, maxLength: 16 }), (bytes) => {
+      const disk = Buffer.from(bytes);
+      const text = formatVdiUuid(disk);
+      assert.deepEqual(encodeVdiUuid(text), disk);
+      assert.equal(text.replace(/-/g, '').slice(16), disk.subarray(8).toString('hex'));
+    }),
+  );
 });
