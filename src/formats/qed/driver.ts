@@ -237,7 +237,15 @@ export class QedDevice implements BlockDevice {
       const cluster = Math.floor(pos / cs);
       const inCluster = pos - cluster * cs;
       const n = Math.min(cs - inCluster, buf.length - done);
-      const s = await this.lookup(cluster);
+      let s: QedClusterState;
+      try {
+        s = await this.lookup(cluster);
+      } catch (e) {
+        // Reads already issued must settle before the error leaves (no stray rejection).
+        flushRun();
+        await Promise.allSettled(pending);
+        throw e;
+      }
       if (s.kind === 'data') {
         const host = s.hostOffset + inCluster;
         if (runLen > 0 && runHost + runLen === host) runLen += n;
@@ -278,17 +286,22 @@ export class QedDevice implements BlockDevice {
 
   private async writeLocked(buf: Buffer, offset: number): Promise<void> {
     const cs = this.geometry.clusterSize;
-    const inPlace: Promise<void>[] = [];
-    const alloc: WritePiece[] = [];
+    // Every mapping is looked up (and validated) before anything is written.
+    const pieces: WritePiece[] = [];
     for (let done = 0; done < buf.length; ) {
       const pos = offset + done;
       const cluster = Math.floor(pos / cs);
       const a = pos - cluster * cs;
       const b = Math.min(cs, a + buf.length - done);
-      const state = await this.lookup(cluster);
-      if (state.kind === 'data') inPlace.push(this.file.pwrite(buf.subarray(done, done + b - a), state.hostOffset + a));
-      else alloc.push({ cluster, a, b, state });
+      pieces.push({ cluster, a, b, state: await this.lookup(cluster) });
       done += b - a;
+    }
+    const alloc: WritePiece[] = [];
+    const inPlace: Promise<void>[] = [];
+    for (const p of pieces) {
+      const src = buf.subarray(p.cluster * cs + p.a - offset, p.cluster * cs + p.b - offset);
+      if (p.state.kind === 'data') inPlace.push(this.file.pwrite(src, p.state.hostOffset + p.a));
+      else alloc.push(p);
     }
     await Promise.all(inPlace);
     if (alloc.length === 0) return;
