@@ -70,6 +70,14 @@ async function assertReadsLikeQemu(t: TestContext, dir: string, path: string): P
     assert.ok(b.equals(ref.subarray(off, off + len)), `read [${off}, +${len}) differs`);
   }
   await assertExtentsMatch(dev, path);
+  // check() reports the statistics qemu-img check does.
+  const mine2 = await dev.check();
+  const q = (await qemuCheck(path)).json;
+  assert.deepEqual(
+    [mine2.imageEndOffset, mine2.totalClusters, mine2.allocatedClusters, mine2.fragmentedClusters, mine2.compressedClusters, mine2.leaks],
+    [q['image-end-offset'], q['total-clusters'], q['allocated-clusters'], q['fragmented-clusters'] ?? 0, q['compressed-clusters'] ?? 0, q.leaks ?? 0],
+    'check statistics differ from qemu-img check',
+  );
 }
 
 const layouts: { name: string; opts: string; size: number; cluster: number }[] = [

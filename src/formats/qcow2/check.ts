@@ -28,6 +28,7 @@ export interface CheckTarget {
   readonly snapshotTableBytes: number;
   readonly refcounts: RefcountManager;
   readonly state: ImageState;
+  readonly sizeBytes: number;
 }
 
 export interface CheckResult {
@@ -41,19 +42,28 @@ export interface CheckResult {
   readonly messages: readonly string[];
   /** One past the highest host byte in use. */
   readonly imageEndOffset: number;
+  /** Guest clusters of the virtual disk, and those the active state allocates. */
+  readonly totalClusters: number;
+  readonly allocatedClusters: number;
+  readonly fragmentedClusters: number;
+  readonly compressedClusters: number;
 }
 
 interface Count {
   counts: Uint32Array;
   errors: number;
   messages: string[];
+  /** Fragmentation statistics of the active L1 table, as qemu-img check reports them. */
+  allocated: number;
+  fragmented: number;
+  compressed: number;
 }
 
 async function countReferences(t: CheckTarget, fileSize: number): Promise<Count> {
   const g = t.geometry;
   const cs = g.clusterSize;
   const n = Math.ceil(Math.max(fileSize, t.state.fileEnd) / cs);
-  const c: Count = { counts: new Uint32Array(n), errors: 0, messages: [] };
+  const c: Count = { counts: new Uint32Array(n), errors: 0, messages: [], allocated: 0, fragmented: 0, compressed: 0 };
   const inc = (offset: number, bytes: number, what: string): void => {
     if (bytes <= 0) return;
     const first = Math.floor(offset / cs);
@@ -67,7 +77,8 @@ async function countReferences(t: CheckTarget, fileSize: number): Promise<Count>
   };
   inc(0, cs, 'header');
   const table = Buffer.allocUnsafe(cs);
-  const walkL1 = async (l1Offset: number, l1Size: number, l1Entries: readonly number[] | null, what: string): Promise<void> => {
+  const walkL1 = async (l1Offset: number, l1Size: number, l1Entries: readonly number[] | null, what: string, stats: boolean): Promise<void> => {
+    let nextContiguous = 0;
     inc(l1Offset, l1Size * 8, what);
     let entries = l1Entries;
     if (entries === null) {
@@ -94,10 +105,23 @@ async function countReferences(t: CheckTarget, fileSize: number): Promise<Count>
         continue;
       }
       inc(l2, cs, 'L2 table');
+      // QEMU measures contiguity within each L2 table.
+      nextContiguous = 0;
       await t.file.pread(table, l2);
       for (let j = 0; j < g.l2Entries; j++) {
         try {
           const e = decodeL2Entry(g, table, j, Math.max(fileSize, t.state.fileEnd));
+          if (stats && (e.compressed || e.hasHost)) {
+            c.allocated++;
+            if (e.compressed) {
+              // Compressed clusters are fragmented by nature (QEMU's accounting).
+              c.compressed++;
+              c.fragmented++;
+            } else {
+              if (nextContiguous !== 0 && e.hostOffset !== nextContiguous) c.fragmented++;
+              nextContiguous = e.hostOffset + cs;
+            }
+          }
           if (e.compressed) inc(Math.floor(e.compressedOffset / 512) * 512, e.compressedBytes + (e.compressedOffset % 512), 'compressed cluster');
           // Clusters in an external data file are not refcounted.
           else if (e.hasHost && !g.externalData) inc(e.hostOffset, cs, 'data cluster');
@@ -108,8 +132,8 @@ async function countReferences(t: CheckTarget, fileSize: number): Promise<Count>
       }
     }
   };
-  await walkL1(t.l1TableOffset, t.l1Offsets.length, t.l1Offsets, 'L1 table');
-  for (const s of t.snapshots) await walkL1(s.l1TableOffset, s.l1Size, null, `snapshot ${s.id} L1 table`);
+  await walkL1(t.l1TableOffset, t.l1Offsets.length, t.l1Offsets, 'L1 table', true);
+  for (const s of t.snapshots) await walkL1(s.l1TableOffset, s.l1Size, null, `snapshot ${s.id} L1 table`, false);
   if (t.snapshotTableBytes > 0) inc(t.snapshotsOffset, t.snapshotTableBytes, 'snapshot table');
   const rc = t.refcounts;
   inc(rc.reftableOffset, rc.reftableClusters * cs, 'refcount table');
@@ -204,7 +228,18 @@ export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<Check
         corruptions += copied.errors;
         corruptionsFixed += copied.fixed;
       }
-      return { corruptions, leaks, corruptionsFixed, leaksFixed, messages, imageEndOffset: end };
+      return {
+        corruptions,
+        leaks,
+        corruptionsFixed,
+        leaksFixed,
+        messages,
+        imageEndOffset: end,
+        totalClusters: Math.ceil(t.sizeBytes / cs),
+        allocatedClusters: count.allocated,
+        fragmentedClusters: count.fragmented,
+        compressedClusters: count.compressed,
+      };
     }
     rc.reserved = (i) => i < count.counts.length && count.counts[i]! > 0;
     try {

@@ -321,6 +321,7 @@ export class Qcow2Device implements BlockDevice {
       snapshotTableBytes: this.snapshotTableBytes,
       refcounts: this.refcounts,
       state: this.state,
+      sizeBytes: this.sizeBytes,
     };
   }
 
