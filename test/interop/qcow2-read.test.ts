@@ -300,3 +300,22 @@ test('qcow2: the default format registry probes qcow2 and opens its backing chai
   assert.equal(r.format, 'qcow2');
   assert.ok((await readAll(r.device)).equals(await qemuContent(dir, top)));
 });
+
+test('qcow2: describeQcow2 matches qemu-img info (format-specific data, dirty flag, snapshots)', async (t) => {
+  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+  const { describeQcow2 } = await import('../../src/formats/qcow2/info.js');
+  const dir = tempDir(t);
+  const variants = ['compat=0.10', 'lazy_refcounts=on,extended_l2=on,compression_type=zstd', `data_file=${join(dir, 'd.data')},data_file_raw=on`, 'refcount_bits=4'];
+  for (const [i, o] of variants.entries()) {
+    const img = join(dir, `i${i}.qcow2`);
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', o, img, String(8 * MiB)]);
+    if (!o.includes('data_file')) await runOk('qemu-img', ['snapshot', '-c', `snap${i}`, img]);
+    const q = JSON.parse(await runOk('qemu-img', ['info', '--output=json', img])) as Record<string, unknown>;
+    const dev = await openQcow2Chain(img, { readOnly: true });
+    const mine = describeQcow2(dev.header, dev.snapshots);
+    await dev.close();
+    assert.deepEqual(mine.formatSpecific, q['format-specific'], o);
+    assert.equal(mine.dirtyFlag, q['dirty-flag']);
+    assert.deepEqual(mine.snapshots.map((s) => [s.id, s.name, s['date-sec'], s['vm-state-size']]), ((q.snapshots as Record<string, unknown>[] | undefined) ?? []).map((s) => [s.id, s.name, s['date-sec'], s['vm-state-size']]));
+  }
+});

@@ -7,3 +7,4 @@ export { qcow2Format, openQcow2Path, QCOW2_MAX_BACKING_DEPTH, type Qcow2PathOpti
 export type { CheckMode, CheckResult } from './check.js';
 export type { Qcow2Header, Qcow2FeatureName, Qcow2Extension } from './header.js';
 export type { Qcow2Snapshot } from './snapshot.js';
+export { describeQcow2, type Qcow2Info } from './info.js';
