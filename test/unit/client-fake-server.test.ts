@@ -101,7 +101,9 @@ async function fakeServer(t: TestContext, opts: FakeOptions): Promise<FakeServer
   const state: FakeServer = { path, requests: [], options: [], exportNameUsed: null, outstanding: 0, maxOutstanding: 0, sawDisc: false };
   const size = opts.sizeBytes ?? 1 << 20;
   const tflags = opts.transmissionFlags ?? 0x0001 | 0x0004 | 0x0008 | 0x0020 | 0x0040 | 0x0080 | 0x0400 | 0x0800;
+  const conns = new Set<net.Socket>();
   const server = net.createServer((sock) => {
+    conns.add(sock);
     sock.on('error', () => undefined);
     const read = reader(sock);
     void (async () => {
@@ -154,7 +156,11 @@ async function fakeServer(t: TestContext, opts: FakeOptions): Promise<FakeServer
     })();
   });
   await new Promise<void>((r) => server.listen(path, r));
-  t.after(() => server.close());
+  // Clients a test leaves connected must not keep the process alive.
+  t.after(() => {
+    for (const c of conns) c.destroy();
+    server.close();
+  });
   return state;
 }
 
