@@ -3,7 +3,7 @@
 // table and snapshot L1 tables, bitmaps while their extension is valid) and compare with the
 // stored refcounts. Stored > counted is a leak, stored < counted is a corruption.
 
-import { CorruptImageError } from '../../errors.js';
+import { CorruptImageError, UnsupportedImageError } from '../../errors.js';
 import type { HostFile } from '../../io/host-file.js';
 import { readU64OrNull } from '../../util/u64.js';
 import { QCOW2_AUTOCLEAR, type Qcow2Header } from './header.js';
@@ -63,6 +63,8 @@ async function countReferences(t: CheckTarget, fileSize: number): Promise<Count>
   const g = t.geometry;
   const cs = g.clusterSize;
   const n = Math.ceil(Math.max(fileSize, t.state.fileEnd) / cs);
+  // One counter per host cluster; refuse rather than exhaust memory on enormous images.
+  if (n > 2 ** 28) throw new UnsupportedImageError(`qcow2: checking ${n} host clusters needs more memory than this build allows`);
   const c: Count = { counts: new Uint32Array(n), errors: 0, messages: [], allocated: 0, fragmented: 0, compressed: 0 };
   const inc = (offset: number, bytes: number, what: string): void => {
     if (bytes <= 0) return;
