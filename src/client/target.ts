@@ -54,6 +54,10 @@ export interface ResolvedTarget {
 export type NbdTargetInput = string | NbdUri | NbdAddress;
 
 function fromUri(u: NbdUri): { addr: NbdAddress; tls?: NbdTlsOptions } {
+  // tls-type only cross-checks the credentials given: which kind is used follows from them.
+  if (u.tlsType === 'anon') throw new UsageError('anonymous TLS (tls-type=anon) is not supported: it does not authenticate the server');
+  if (u.tlsType === 'psk' && u.tlsPskFile === undefined) throw new UsageError('tls-type=psk needs tls-psk-file');
+  if (u.tlsType === 'x509' && u.tlsPskFile !== undefined) throw new UsageError('tls-type=x509 conflicts with tls-psk-file');
   const tlsWanted = u.tls || u.tlsCertificates !== undefined || u.tlsPskFile !== undefined;
   const tls: NbdTlsOptions | undefined = tlsWanted
     ? {
