@@ -188,7 +188,8 @@ export class Connection {
   };
 
   private readonly onError = (err: Error): void => {
-    // 'close' follows; the error itself is only worth a line.
+    // 'close' follows. A failed TLS handshake is worth a line (bad credentials, wrong CA).
+    if (this.phase === 'upgrading') this.host.logger.warn(`connection ${this.id} (${this.peer}): TLS handshake failed: ${err.message}`);
     if (this.closeReason === '') this.closeReason = `socket error: ${err.message}`;
   };
 

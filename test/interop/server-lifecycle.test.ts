@@ -6,9 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { statSync, writeFileSync, readFileSync } from 'node:fs';
+import { existsSync, statSync, writeFileSync, readFileSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { BlockDevice } from '../../src/block/device.js';
 import { listenInherited, listenTcp, listenUnix } from '../../src/server/listen.js';
@@ -182,7 +182,9 @@ test('listenInherited serves a socket passed as fd 3 with LISTEN_FDS/LISTEN_PID'
   const dir = tempDir(t);
   const img = await rawFile(dir, 'a.raw', Buffer.alloc(3 * MiB));
   const script = join(dir, 'child.mts');
-  const root = fileURLToPath(new URL('../../', import.meta.url));
+  // The repository root (this file may run from test/ or from the compiled dist/test/).
+  let root = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(root, 'package.json'))) root = dirname(root);
   writeFileSync(
     script,
     `import { openRaw } from ${JSON.stringify(join(root, 'src/formats/raw/driver.ts'))};

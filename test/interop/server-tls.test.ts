@@ -8,7 +8,7 @@ import { mkdirSync, copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadPsk, loadX509Dir, parsePskFile } from '../../src/server/tls.js';
 import { UsageError } from '../../src/errors.js';
-import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
+import { requirePeers, run, runOk, tempDir, waitFor } from '../helpers/peers.js';
 import { openRawDevice, startServer } from '../helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -77,6 +77,7 @@ test('X.509: nbdinfo and nbdcopy over nbds+unix with a client certificate; untru
   // A client certificate from another CA: the TLS handshake fails, nothing is served.
   const stranger = await run('nbdinfo', ['--json', `nbds+unix:///secret?socket=${srv.socketPath}&tls-certificates=${pki.strangerDir}`]);
   assert.notEqual(stranger.code, 0);
+  await waitFor(() => srv.log.lines.some((l) => /TLS handshake failed/.test(l)), 5000, 'the failed handshake to be logged');
   // Plaintext is refused in require mode.
   const plain = await run('nbdinfo', ['--json', `nbd+unix:///secret?socket=${srv.socketPath}`]);
   assert.notEqual(plain.code, 0);

@@ -61,7 +61,7 @@ function setup(tls: TlsMode = 'off') {
     });
     return out;
   };
-  const opt = (option: number, data = Buffer.alloc(0)) => neg.handle({ option, data, length: data.length });
+  const opt = (option: number, data: Buffer = Buffer.alloc(0)) => neg.handle({ option, data, length: data.length });
   return { neg, replies, opt, raw: sent, table };
 }
 
