@@ -55,6 +55,8 @@ export interface Session {
   readonly fixedNewstyle: boolean;
   readonly noZeroes: boolean;
   readonly tls: boolean;
+  /** The TCP or unix socket under any TLS layer (it carries the handshake timeout). */
+  readonly rawSocket: net.Socket;
 }
 
 export interface NegotiateOptions {
@@ -75,6 +77,8 @@ export interface Negotiated {
 
 type OptionReply = Extract<ReplyEvent, { kind: 'option-reply' }>;
 
+const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+
 function openSocket(target: ResolvedTarget): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const socket = target.socket !== undefined ? net.connect({ path: target.socket }) : net.connect({ host: target.host!, port: target.port, noDelay: true });
@@ -85,6 +89,11 @@ function openSocket(target: ResolvedTarget): Promise<net.Socket> {
     socket.once('error', onError);
     socket.once('connect', () => {
       socket.off('error', onError);
+      // A peer that never completes the handshake (not an NBD server, or a stuck one) must
+      // not hang the caller; transmission clears this, requests may legitimately be slow.
+      socket.setTimeout(target.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS, () =>
+        socket.destroy(new NbdConnectError(`the NBD handshake with ${describeTarget(target)} timed out`)),
+      );
       // "both the client and server SHOULD disable Nagle's algorithm"
       if (target.socket === undefined) socket.setNoDelay(true);
       resolve(socket);
@@ -126,6 +135,8 @@ function refuse(reply: OptionReply): NbdOptionError {
 /** Greeting, client flags and (when asked for) STARTTLS: everything before the first stateful option. */
 export async function startSession(target: ResolvedTarget, opts: { maxChunkPayloadBytes?: number } = {}): Promise<Session> {
   const parserOpts = opts.maxChunkPayloadBytes !== undefined ? { maxChunkPayloadBytes: opts.maxChunkPayloadBytes } : {};
+  // Unusable credentials are found before any connection is made.
+  const tlsOptions = target.tls !== undefined ? await buildTlsOptions(target.tls, target.host) : undefined;
   const socket = await openSocket(target);
   let wire = new Wire(socket, new ReplyParser(parserOpts));
   try {
@@ -137,10 +148,9 @@ export async function startSession(target: ResolvedTarget, opts: { maxChunkPaylo
     // not recognize the client's flags".
     wire.write(encodeClientFlags((fixedNewstyle ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0)));
     let tlsUp = false;
-    if (target.tls !== undefined) {
+    if (tlsOptions !== undefined) {
       // "The client MUST NOT issue NBD_OPT_STARTTLS unless the server set flag NBD_FLAG_FIXED_NEWSTYLE"
       if (!fixedNewstyle) throw new NbdTlsError('TLS was requested but the server does not speak fixed newstyle, so it cannot do STARTTLS');
-      const tlsOptions = await buildTlsOptions(target.tls, target.host);
       const { final } = await sendOption(wire, NBD_OPT.STARTTLS);
       // "a client which only wishes to use TLS SHOULD terminate the session if the
       // NBD_OPT_STARTTLS replies with an error"
@@ -148,7 +158,7 @@ export async function startSession(target: ResolvedTarget, opts: { maxChunkPaylo
       wire = await upgradeToTls(wire, tlsOptions, parserOpts);
       tlsUp = true;
     }
-    return { wire, handshakeFlags: greeting.handshakeFlags, fixedNewstyle, noZeroes, tls: tlsUp };
+    return { wire, handshakeFlags: greeting.handshakeFlags, fixedNewstyle, noZeroes, tls: tlsUp, rawSocket: socket };
   } catch (err) {
     wire.socket.destroy();
     throw err;

@@ -128,6 +128,7 @@ export class NbdClient implements WireHandler {
     const cap = Math.min(this.blockSizes.maximum, opts.maxRequestBytes ?? DEFAULT_MAX_REQUEST);
     this.maxRequest = Math.max(this.blockSizes.minimum, cap - (cap % this.blockSizes.minimum));
     this.maxInFlight = Math.max(1, opts.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT);
+    session.rawSocket.setTimeout(0);
     session.wire.setHandler(this);
   }
 
@@ -143,18 +144,18 @@ export class NbdClient implements WireHandler {
   }
 
   /** NBD_OPT_LIST: names and descriptions of the exports. */
-  static list(target: NbdTargetInput, opts: { tls?: NbdTlsOptions } = {}): Promise<ExportListEntry[]> {
+  static list(target: NbdTargetInput, opts: { tls?: NbdTlsOptions; handshakeTimeoutMs?: number } = {}): Promise<ExportListEntry[]> {
     return listExports(resolveTarget(target, opts));
   }
 
   /** NBD_OPT_INFO for one export (default: the URI's), without entering transmission. */
-  static info(target: NbdTargetInput, exportName?: string, opts: { tls?: NbdTlsOptions } = {}): Promise<ExportInfo> {
+  static info(target: NbdTargetInput, exportName?: string, opts: { tls?: NbdTlsOptions; handshakeTimeoutMs?: number } = {}): Promise<ExportInfo> {
     const resolved = resolveTarget(target, { ...opts, ...(exportName !== undefined ? { exportName } : {}) });
     return queryExport(resolved, resolved.exportName);
   }
 
   /** NBD_OPT_LIST_META_CONTEXT: context names available on an export (all, or matching `queries`). */
-  static listMetaContexts(target: NbdTargetInput, opts: { exportName?: string; queries?: readonly string[]; tls?: NbdTlsOptions } = {}): Promise<string[]> {
+  static listMetaContexts(target: NbdTargetInput, opts: { exportName?: string; queries?: readonly string[]; tls?: NbdTlsOptions; handshakeTimeoutMs?: number } = {}): Promise<string[]> {
     const resolved = resolveTarget(target, opts);
     return listMetaContexts(resolved, resolved.exportName, opts.queries ?? []);
   }

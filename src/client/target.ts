@@ -41,6 +41,8 @@ export interface NbdConnectOptions {
   readonly maxInFlight?: number;
   /** Largest read or write sent as one request, further capped by the server's maximum. */
   readonly maxRequestBytes?: number;
+  /** Give up on a server that has not completed the handshake after this long (default 30 s). */
+  readonly handshakeTimeoutMs?: number;
 }
 
 export interface ResolvedTarget {
@@ -49,6 +51,7 @@ export interface ResolvedTarget {
   readonly port: number;
   readonly exportName: string;
   readonly tls?: NbdTlsOptions;
+  readonly handshakeTimeoutMs?: number;
 }
 
 export type NbdTargetInput = string | NbdUri | NbdAddress;
@@ -92,6 +95,7 @@ export function resolveTarget(input: NbdTargetInput, opts: NbdConnectOptions = {
     port: addr.port ?? NBD_DEFAULT_PORT,
     exportName,
     ...(tls !== undefined ? { tls } : {}),
+    ...(opts.handshakeTimeoutMs !== undefined ? { handshakeTimeoutMs: opts.handshakeTimeoutMs } : {}),
   };
 }
 

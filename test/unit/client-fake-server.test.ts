@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { NbdOptionError } from '../../src/client/errors.js';
-import { ProtocolError, RequestError } from '../../src/errors.js';
+import { ImgbdError, ProtocolError, RequestError } from '../../src/errors.js';
 import { tempDir, waitFor } from '../helpers/peers.js';
 
 const u16 = (n: number): Buffer => Buffer.from([n >> 8, n & 255]);
@@ -353,5 +353,26 @@ describe('NbdClient against a scripted server', () => {
     await assert.rejects(c.flush(), (e: unknown) => e instanceof RequestError && e.errno === 'ESHUTDOWN');
     await assert.rejects(c.flush());
     await waitFor(() => s.sawDisc, 5000, 'NBD_CMD_DISC');
+  });
+
+  it('a peer that never sends the greeting times out instead of hanging', async (t) => {
+    const path = join(tempDir(t), 'silent.sock');
+    const conns: net.Socket[] = [];
+    const server = net.createServer((sock) => conns.push(sock));
+    await new Promise<void>((r) => server.listen(path, r));
+    t.after(() => {
+      for (const c of conns) c.destroy();
+      server.close();
+    });
+    await assert.rejects(NbdClient.connect(`nbd+unix:///?socket=${path}`, { handshakeTimeoutMs: 200 }), (e: unknown) => e instanceof ProtocolError && /timed out/.test(e.message));
+  });
+
+  it('a server that is not NBD is refused by its greeting', async (t) => {
+    const path = join(tempDir(t), 'http.sock');
+    const server = net.createServer((sock) => sock.end('HTTP/1.1 400 Bad Request\r\n\r\n'));
+    await new Promise<void>((r) => server.listen(path, r));
+    t.after(() => server.close());
+    await assert.rejects(NbdClient.connect(`nbd+unix:///?socket=${path}`), (e: unknown) => e instanceof ProtocolError && /NBDMAGIC/.test(e.message));
+    await assert.rejects(NbdClient.connect(`nbd+unix:///?socket=${join(tempDir(t), 'absent.sock')}`), (e: unknown) => e instanceof ImgbdError && e.code === 'ERR_NBD_CONNECT');
   });
 });
