@@ -12,10 +12,11 @@ import { EventEmitter } from 'node:events';
 import type { Server as NetServer, Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
+import type { BlockSizes } from '../block/device.js';
 import { UsageError } from '../errors.js';
 import { BufferPool } from './buffer-pool.js';
 import { Connection, DEFAULT_CONNECTION_LIMITS, type ConnectionHost, type ConnectionLimits } from './connection.js';
-import { ExportTable, type ExportConfig } from './exports.js';
+import { connectionFlags, ExportTable, type ExportConfig } from './exports.js';
 import { SILENT_LOGGER, type Logger } from './logger.js';
 import type { TlsMode } from './negotiation.js';
 import { upgradeToTls, type TlsCredentials } from './tls.js';
@@ -113,6 +114,16 @@ export class NbdServer extends EventEmitter {
     const conn = new Connection(this.host, socket, { exp, structured: opts.structuredReplies ?? false });
     this.track(conn);
     return conn.closed;
+  }
+
+  /**
+   * What a client of `exportName` is told: size, transmission flags and block sizes. The
+   * kernel attach hands these to the kernel, which does no handshake of its own.
+   */
+  describeExport(exportName: string, opts: ServeTransmissionOptions = {}): { sizeBytes: number; transmissionFlags: number; blockSizes: BlockSizes } {
+    const exp = this.exportTable.lookup(exportName);
+    if (exp === undefined) throw new UsageError(`no export named ${JSON.stringify(exportName)}`);
+    return { sizeBytes: exp.backend.sizeBytes, transmissionFlags: connectionFlags(exp, opts.structuredReplies ?? false), blockSizes: exp.sizes };
   }
 
   private track(conn: Connection): void {

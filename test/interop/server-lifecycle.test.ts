@@ -252,6 +252,13 @@ test('serveTransmission: a handshake-less client gets simple replies from the fi
   assert.equal(r.readUInt32BE(4), 0);
   assert.equal(r.readBigUInt64BE(8), 1n);
   assert.ok(r.subarray(16, 16 + 512).every((b) => b === 0x3c));
+  // What the kernel would be told: read-write, flush/FUA/trim/zeroes, no DF without structured replies.
+  const d = server.describeExport('k');
+  assert.equal(d.sizeBytes, MiB);
+  assert.equal(d.transmissionFlags & 0x2, 0);
+  assert.equal(d.transmissionFlags & (0x4 | 0x8 | 0x20 | 0x40), 0x4 | 0x8 | 0x20 | 0x40);
+  assert.equal(d.transmissionFlags & 0x80, 0);
+  assert.equal(server.describeExport('k', { structuredReplies: true }).transmissionFlags & 0x80, 0x80);
   client.write(request(2, 2, 0, 0)); // NBD_CMD_DISC
   await w.closed;
   await served;

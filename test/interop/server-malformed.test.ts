@@ -4,6 +4,7 @@
 // here, not with the codec under test.
 
 import { test } from 'node:test';
+import fc from 'fast-check';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -189,4 +190,36 @@ test('malformed and hostile clients get the expected reply or disconnect; good c
   assert.ok(srv.log.lines.some((l) => /has not read its replies/.test(l)));
   bystander.destroy();
   await waitFor(() => srv.server.connectionCount === 0, 5000, 'every connection to close');
+});
+
+test('random garbage in either phase closes or answers, never takes the server down', async (t) => {
+  const dir = tempDir(t);
+  const rw = join(dir, 'rw.raw');
+  writeFileSync(rw, Buffer.alloc(MiB, 0x42));
+  const srv = await startServer(
+    t,
+    { exports: [{ name: 'rw', device: await openRawDevice(t, rw), readOnly: false }], limits: { handshakeTimeoutMs: HANDSHAKE_TIMEOUT_MS } },
+    dir,
+  );
+  const bystander = await RawClient.open(srv.socketPath);
+  await bystander.go('rw');
+  await fc.assert(
+    fc.asyncProperty(fc.boolean(), fc.uint8Array({ minLength: 1, maxLength: 200 }), async (transmission, garbage) => {
+      const c = await RawClient.open(srv.socketPath);
+      try {
+        if (transmission) await c.go('rw');
+        else await c.greet();
+        c.write(Buffer.from(garbage));
+        // Whatever the bytes meant, the connection either stays usable or is closed; the
+        // server as a whole keeps answering.
+        await new Promise((r) => setTimeout(r, 5));
+      } finally {
+        c.destroy();
+      }
+      await readWorksStructured(bystander, 7n);
+    }),
+    { numRuns: 60 },
+  );
+  await waitFor(() => srv.server.connectionCount === 1, 5000, 'garbage connections to close');
+  bystander.destroy();
 });
