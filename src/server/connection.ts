@@ -12,7 +12,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { EXTENT_ZERO, type WriteOptions, type ZeroOptions } from '../block/device.js';
-import { ProtocolError, toNbdErrno } from '../errors.js';
+import { ProtocolError, RequestError, toNbdErrno } from '../errors.js';
 import {
   NBD_CMD,
   NBD_CMD_FLAG_DF,
@@ -488,7 +488,9 @@ export class Connection {
     const errno = toNbdErrno(err);
     const message = err instanceof Error ? err.message : String(err);
     if (errno === 'EIO') this.host.logger.error(`connection ${this.id}: ${commandName(type)}: ${message}`);
-    this.replies.error(cookie, errno, message, this.structured);
+    // RequestError messages are written for the client; anything else (a system error naming
+    // host paths, say) stays in the log and the client gets the errno alone.
+    this.replies.error(cookie, errno, err instanceof RequestError ? message : `${commandName(type)} failed: ${errno}`, this.structured);
   }
 
   private async runSimple(cookie: bigint, type: number, bytes: number, op: Promise<void>): Promise<void> {
@@ -554,8 +556,13 @@ export class Connection {
   /** Data and zero segments covering [offset, offset+length); extents failing means all data. */
   private async readSegments(offset: number, length: number): Promise<ReadSegment[]> {
     const backend = this.exp!.backend;
-    if (length === 0) return [{ offset, length, hole: false }];
-    const extents = await backend.extents(offset, length);
+    let extents;
+    try {
+      extents = await backend.extents(offset, length);
+    } catch {
+      // Holes are an optimisation: the read itself decides whether the request fails.
+      return [{ offset, length, hole: false }];
+    }
     const out: ReadSegment[] = [];
     let pos = offset;
     const end = offset + length;
