@@ -215,11 +215,13 @@ export class Connection {
       return;
     }
     this.stallMark = backlog;
-    this.armStallTimer();
+    this.armStallTimer(false);
   };
 
-  private armStallTimer(): void {
+  /** Watch for write progress; `fresh` starts a new watch (rather than continuing one). */
+  private armStallTimer(fresh = true): void {
     if (this.stallTimer !== undefined) return;
+    if (fresh) this.stallMark = -1;
     this.stallTimer = setTimeout(this.onStallCheck, this.limits.stallTimeoutMs);
     this.stallTimer.unref();
   }
@@ -260,15 +262,12 @@ export class Connection {
   }
 
   private maybeFinishClose(): void {
-    if (this.phase !== 'closing' || this.inFlight > 0 || this.socket.writableEnded) return;
+    if (this.phase !== 'closing' || this.inFlight > 0 || this.socket.writableEnded || this.socket.destroyed) return;
     const socket = this.socket;
     // Nothing more will be read: once the replies are out, the socket can go entirely.
     socket.once('finish', () => socket.destroy());
     socket.end();
-    if (socket.writableLength > 0) {
-      this.stallMark = -1;
-      this.armStallTimer();
-    }
+    if (socket.writableLength > 0) this.armStallTimer();
   }
 
   private setPaused(paused: boolean): void {
@@ -318,10 +317,7 @@ export class Connection {
     if (this.phase !== 'handshake' && this.phase !== 'transmission') return;
     const blocked = this.blocked();
     this.setPaused(blocked);
-    if (blocked && this.socket.writableLength > 0) {
-      this.stallMark = -1;
-      this.armStallTimer();
-    }
+    if (blocked && this.socket.writableLength > 0) this.armStallTimer();
   }
 
   // ---- handshake --------------------------------------------------------------------------
@@ -480,7 +476,7 @@ export class Connection {
   }
 
   private get writable(): boolean {
-    return this.phase === 'transmission' || this.phase === 'closing';
+    return (this.phase === 'transmission' || this.phase === 'closing') && !this.socket.destroyed;
   }
 
   private failed(cookie: bigint, type: number, err: unknown): void {
