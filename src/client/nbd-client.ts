@@ -82,6 +82,12 @@ interface Pending {
   readonly reject: (err: Error) => void;
 }
 
+/** Copy read data to its place in the caller's buffer, unless the parser already put it there. */
+function placeData(data: Buffer, buf: Buffer, at: number): void {
+  if (data.buffer === buf.buffer && data.byteOffset === buf.byteOffset + at) return;
+  data.copy(buf, at);
+}
+
 function violation(message: string): ProtocolError {
   return new ProtocolError('ERR_NBD_PROTOCOL', message);
 }
@@ -382,7 +388,8 @@ export class NbdClient implements WireHandler {
           reject,
         });
       });
-      if (cmd === NBD_CMD.READ) this.session.wire.parser.expectRead(cookie, length);
+      // Read data goes from the socket straight into the caller's buffer.
+      if (cmd === NBD_CMD.READ) this.session.wire.parser.expectRead(cookie, { offset, length, ...(extra.readInto !== undefined ? { into: extra.readInto } : {}) });
       this.session.wire.write(header, extra.payload);
       await done;
     } finally {
@@ -421,7 +428,7 @@ export class NbdClient implements WireHandler {
     if (ev.error !== 0) {
       p.error = { errno: wireToErrno(ev.error), message: '' };
     } else if (p.cmd === NBD_CMD.READ) {
-      ev.data!.copy(p.buf!);
+      placeData(ev.data!, p.buf!, 0);
     } else if (p.cmd === NBD_CMD.BLOCK_STATUS) {
       throw violation('simple success reply to NBD_CMD_BLOCK_STATUS');
     }
@@ -446,7 +453,7 @@ export class NbdClient implements WireHandler {
         const length = chunk.type === 'offset-data' ? chunk.data.length : chunk.length;
         p.coverage!.add(chunk.offset, length, chunk.type === 'offset-data' ? 'OFFSET_DATA' : 'OFFSET_HOLE');
         const at = chunk.offset - p.offset;
-        if (chunk.type === 'offset-data') chunk.data.copy(p.buf!, at);
+        if (chunk.type === 'offset-data') placeData(chunk.data, p.buf!, at);
         else p.buf!.fill(0, at, at + length);
         return;
       }

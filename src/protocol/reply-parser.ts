@@ -57,6 +57,26 @@ export type ReplyEvent =
   | { readonly kind: 'simple-reply'; readonly cookie: bigint; readonly error: number; readonly data?: Buffer }
   | { readonly kind: 'chunk'; readonly cookie: bigint; readonly flags: number; readonly done: boolean; readonly chunk: StructuredChunk };
 
+/**
+ * A read the client sent. With `into`, read data is copied straight from the incoming
+ * bytes into `into` (which holds export bytes [offset, offset + length)) instead of being
+ * buffered first; the events then carry views of `into`.
+ */
+export interface ExpectedRead {
+  readonly offset: number;
+  readonly length: number;
+  readonly into?: Buffer;
+}
+
+type Pending =
+  | { readonly kind: 'option'; readonly option: number; readonly type: number; readonly length: number }
+  | { readonly kind: 'simple-read'; readonly cookie: bigint; readonly length: number }
+  | { readonly kind: 'chunk'; readonly cookie: bigint; readonly flags: number; readonly type: number; readonly length: number }
+  /** Read data copied into the caller's buffer as it arrives: [at, at+length) of `into`. */
+  | { readonly kind: 'direct'; readonly event: (data: Buffer) => ReplyEvent; readonly into: Buffer; readonly at: number; readonly length: number; copied: number }
+  /** An OFFSET_DATA chunk for a read with a destination, before its 8-byte offset arrived. */
+  | { readonly kind: 'direct-chunk'; readonly cookie: bigint; readonly flags: number; readonly length: number; readonly read: ExpectedRead };
+
 export type ParserPhase = 'greeting' | 'options' | 'export-name' | 'transmission' | 'tls' | 'failed';
 
 export interface ReplyParserOptions {
@@ -82,12 +102,12 @@ export class ReplyParser {
   private phaseNow: ParserPhase;
   private structured = false;
   private noZeroes = false;
-  /** cookie -> read length, for reads whose reply may carry data. */
-  private readonly reads = new Map<bigint, number>();
+  /** cookie -> the announced read, for reads whose reply may carry data. */
+  private readonly reads = new Map<bigint, ExpectedRead>();
   private readonly maxOptionReply: number;
   private readonly maxChunk: number;
   /** A decoded header whose payload has not fully arrived yet. */
-  private pending: { kind: 'option'; option: number; type: number; length: number } | { kind: 'simple-read'; cookie: bigint; length: number } | { kind: 'chunk'; cookie: bigint; flags: number; type: number; length: number } | null = null;
+  private pending: Pending | null = null;
 
   constructor(opts: ReplyParserOptions = {}) {
     this.phaseNow = opts.phase ?? 'greeting';
@@ -115,9 +135,10 @@ export class ReplyParser {
     this.noZeroes = noZeroes;
   }
 
-  /** The client sent NBD_CMD_READ with this cookie and length. */
-  expectRead(cookie: bigint, length: number): void {
-    this.reads.set(cookie, length);
+  /** The client sent NBD_CMD_READ with this cookie for [offset, offset + length). */
+  expectRead(cookie: bigint, read: ExpectedRead): void {
+    if (read.into !== undefined && read.into.length !== read.length) throw new RangeError('the read destination must be exactly the read length');
+    this.reads.set(cookie, read);
   }
 
   /** The client gave up on a cookie (the connection is being torn down). */
@@ -186,12 +207,16 @@ export class ReplyParser {
       if (this.queue.length < SIMPLE_REPLY_SIZE) return null;
       const h = decodeReplyHeader(this.queue.consume(SIMPLE_REPLY_SIZE));
       if (h.kind !== 'simple') throw violation('reply header changed kind');
-      const readLength = this.reads.get(h.cookie);
-      if (readLength === undefined) return { kind: 'simple-reply', cookie: h.cookie, error: h.error };
+      const read = this.reads.get(h.cookie);
+      if (read === undefined) return { kind: 'simple-reply', cookie: h.cookie, error: h.error };
       this.reads.delete(h.cookie);
       // An errored simple read reply carries no payload.
       if (h.error !== 0) return { kind: 'simple-reply', cookie: h.cookie, error: h.error };
-      this.pending = { kind: 'simple-read', cookie: h.cookie, length: readLength };
+      const cookie = h.cookie;
+      this.pending =
+        read.into !== undefined
+          ? { kind: 'direct', event: (data) => ({ kind: 'simple-reply', cookie, error: 0, data }), into: read.into, at: 0, length: read.length, copied: 0 }
+          : { kind: 'simple-read', cookie, length: read.length };
       return this.finishPending();
     }
     if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
@@ -202,11 +227,17 @@ export class ReplyParser {
       const h = decodeReplyHeader(this.queue.consume(STRUCTURED_REPLY_HEADER_SIZE));
       if (h.kind !== 'structured') throw violation('reply header changed kind');
       const read = this.reads.get(h.cookie);
-      const limit = read !== undefined && h.type === NBD_REPLY_TYPE.OFFSET_DATA ? read + OFFSET_DATA_PREFIX : this.maxChunk;
+      const isData = read !== undefined && h.type === NBD_REPLY_TYPE.OFFSET_DATA;
+      const limit = isData ? read.length + OFFSET_DATA_PREFIX : this.maxChunk;
       if (h.length > limit) {
         throw violation(`structured chunk of ${h.length} bytes for cookie ${h.cookie} exceeds the ${limit}-byte limit`);
       }
-      this.pending = { kind: 'chunk', cookie: h.cookie, flags: h.flags, type: h.type, length: h.length };
+      if (isData && read.into !== undefined) {
+        if (h.length < OFFSET_DATA_PREFIX + 1) throw violation(`OFFSET_DATA chunk of ${h.length} bytes (at least 9 required)`);
+        this.pending = { kind: 'direct-chunk', cookie: h.cookie, flags: h.flags, length: h.length, read };
+      } else {
+        this.pending = { kind: 'chunk', cookie: h.cookie, flags: h.flags, type: h.type, length: h.length };
+      }
       return this.finishPending();
     }
     throw violation(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
@@ -214,6 +245,8 @@ export class ReplyParser {
 
   private finishPending(): ReplyEvent | null {
     const p = this.pending!;
+    if (p.kind === 'direct') return this.copyDirect(p);
+    if (p.kind === 'direct-chunk') return this.startDirectChunk(p);
     if (this.queue.length < p.length) return null;
     this.pending = null;
     const data = this.queue.consume(p.length);
@@ -228,6 +261,40 @@ export class ReplyParser {
         return { kind: 'chunk', cookie: p.cookie, flags: p.flags, done, chunk: decodeChunk(p.type, data, done) };
       }
     }
+  }
+
+  private startDirectChunk(p: Extract<Pending, { kind: 'direct-chunk' }>): ReplyEvent | null {
+    if (this.queue.length < OFFSET_DATA_PREFIX) return null;
+    const offset = readU64(this.queue.consume(OFFSET_DATA_PREFIX), 0, 'data chunk offset');
+    const length = p.length - OFFSET_DATA_PREFIX;
+    const { read } = p;
+    // Checked before a byte lands in the caller's buffer: "The data MUST lie within the
+    // bounds of the original offset and length of the client's request".
+    if (offset < read.offset || offset + length > read.offset + read.length) {
+      throw violation(`OFFSET_DATA [${offset}, ${offset + length}) lies outside the request [${read.offset}, ${read.offset + read.length})`);
+    }
+    const done = (p.flags & NBD_REPLY_FLAG_DONE) !== 0;
+    const { cookie, flags } = p;
+    this.pending = {
+      kind: 'direct',
+      event: (data) => ({ kind: 'chunk', cookie, flags, done, chunk: { type: 'offset-data', offset, data } }),
+      into: read.into!,
+      at: offset - read.offset,
+      length,
+      copied: 0,
+    };
+    return this.copyDirect(this.pending);
+  }
+
+  private copyDirect(p: Extract<Pending, { kind: 'direct' }>): ReplyEvent | null {
+    const n = Math.min(this.queue.length, p.length - p.copied);
+    this.queue.copyOut(p.into, p.at + p.copied, n);
+    p.copied += n;
+    if (p.copied < p.length) return null;
+    this.pending = null;
+    const ev = p.event(p.into.subarray(p.at, p.at + p.length));
+    if (ev.kind === 'chunk' && ev.done) this.reads.delete(ev.cookie);
+    return ev;
   }
 
   private optionReply(option: number, type: number, data: Buffer): ReplyEvent {

@@ -17,12 +17,18 @@ const MiB = 1024 * 1024;
 async function nbdkit(t: TestContext, args: string[]): Promise<string> {
   const dir = tempDir(t);
   const sock = join(dir, 'nbdkit.sock');
-  const child = spawnPeer(t, 'nbdkit', ['-f', '-U', sock, ...args]);
+  // nbdkit writes its PID file once it is listening: the socket file alone appears at bind().
+  const pidFile = join(dir, 'nbdkit.pid');
+  const child = spawnPeer(t, 'nbdkit', ['-f', '-P', pidFile, '-U', sock, ...args]);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  await waitFor(() => existsSync(sock) || child.exitCode !== null, 10_000, 'nbdkit socket');
-  if (!existsSync(sock)) throw new Error(`nbdkit exited: ${stderr}`);
+  await waitFor(() => ready(pidFile) || child.exitCode !== null, 10_000, 'nbdkit to listen');
+  if (!ready(pidFile)) throw new Error(`nbdkit exited: ${stderr}`);
   return sock;
+}
+
+function ready(pidFile: string): boolean {
+  return existsSync(pidFile) && readFileSync(pidFile, 'utf8').trim() !== '';
 }
 
 function pattern(length: number, seed: number): Buffer {

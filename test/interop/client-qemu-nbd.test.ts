@@ -22,11 +22,14 @@ interface Peer {
 
 async function qemuNbd(t: TestContext, dir: string, args: string[]): Promise<Peer> {
   const sock = join(dir, `qemu-nbd-${Math.random().toString(36).slice(2)}.sock`);
-  const child = spawnPeer(t, 'qemu-nbd', ['-k', sock, ...args]);
+  // The PID file is written once qemu-nbd listens: the socket file alone appears at bind().
+  const pidFile = `${sock}.pid`;
+  const child = spawnPeer(t, 'qemu-nbd', ['-k', sock, `--pid-file=${pidFile}`, ...args]);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  await waitFor(() => existsSync(sock) || child.exitCode !== null, 10_000, 'qemu-nbd socket');
-  if (!existsSync(sock)) throw new Error(`qemu-nbd exited: ${stderr}`);
+  const ready = (): boolean => existsSync(pidFile) && readFileSync(pidFile, 'utf8').trim() !== '';
+  await waitFor(() => ready() || child.exitCode !== null, 10_000, 'qemu-nbd to listen');
+  if (!ready()) throw new Error(`qemu-nbd exited: ${stderr}`);
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   return {
     sock,

@@ -4,7 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, writeFileSync, copyFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/client/nbd-client.js';
@@ -12,13 +12,16 @@ import { NbdOptionError, NbdTlsError } from '../../src/client/errors.js';
 import { ImgbdError } from '../../src/errors.js';
 import { requirePeers, runOk, spawnPeer, tempDir, waitFor } from '../helpers/peers.js';
 
-async function serve(t: TestContext, dir: string, cmd: string, args: (sock: string) => string[]): Promise<string> {
+/** Start a server; its PID file (written once it listens) says when it is ready. */
+async function serve(t: TestContext, dir: string, cmd: 'nbdkit' | 'qemu-nbd', args: (sock: string) => string[]): Promise<string> {
   const sock = join(dir, `${cmd}-${Math.random().toString(36).slice(2)}.sock`);
-  const child = spawnPeer(t, cmd, args(sock));
+  const pidFile = `${sock}.pid`;
+  const child = spawnPeer(t, cmd, [cmd === 'nbdkit' ? `--pidfile=${pidFile}` : `--pid-file=${pidFile}`, ...args(sock)]);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  await waitFor(() => existsSync(sock) || child.exitCode !== null, 10_000, `${cmd} socket`);
-  if (!existsSync(sock)) throw new Error(`${cmd} exited: ${stderr}`);
+  const ready = (): boolean => existsSync(pidFile) && readFileSync(pidFile, 'utf8').trim() !== '';
+  await waitFor(() => ready() || child.exitCode !== null, 10_000, `${cmd} to listen`);
+  if (!ready()) throw new Error(`${cmd} exited: ${stderr}`);
   return sock;
 }
 

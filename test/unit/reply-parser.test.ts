@@ -23,6 +23,8 @@ interface Case {
   /** Parser started with these bytes already consumed (not split). */
   readonly prefix?: Buffer;
   readonly phase?: 'greeting' | 'options';
+  /** Checks on side effects (the read destination) after each parse. */
+  readonly check?: () => void;
 }
 
 const cases: Case[] = [
@@ -80,7 +82,7 @@ const cases: Case[] = [
     name: 'simple reply with a read payload, then one without',
     phase: 'options',
     prefix: hex('0003e889045565a9 00000007 00000001 00000000'),
-    setup: (p) => p.expectRead(0x0102030405060708n, 5),
+    setup: (p) => p.expectRead(0x0102030405060708n, { offset: 0, length: 5 }),
     bytes: hex('67446698 00000000 0102030405060708 68656c6c6f  67446698 00000000 0102030405060708'),
     expected: [
       { kind: 'simple-reply', cookie: 0x0102030405060708n, error: 0, data: Buffer.from('hello') },
@@ -91,7 +93,7 @@ const cases: Case[] = [
     name: 'simple read reply with an error carries no payload',
     phase: 'options',
     prefix: hex('0003e889045565a9 00000007 00000001 00000000'),
-    setup: (p) => p.expectRead(7n, 512),
+    setup: (p) => p.expectRead(7n, { offset: 0, length: 512 }),
     bytes: hex('67446698 00000016 0000000000000007  67446698 00000000 0000000000000008'),
     expected: [
       { kind: 'simple-reply', cookie: 7n, error: 22 },
@@ -101,7 +103,7 @@ const cases: Case[] = [
   {
     name: 'structured: OFFSET_DATA, OFFSET_HOLE, NONE',
     prefix: INTO_TRANSMISSION,
-    setup: (p) => p.expectRead(1n, 4096),
+    setup: (p) => p.expectRead(1n, { offset: 0, length: 4096 }),
     bytes: hex(
       '668e33ef 0000 0001 0000000000000001 0000000b 0000000000000200 616263' +
         '668e33ef 0000 0002 0000000000000001 0000000c 0000000000000300 00000100' +
@@ -153,6 +155,51 @@ const cases: Case[] = [
   },
 ];
 
+// Direct placement: the same wire bytes, with the reads' destinations registered.
+const simpleInto = Buffer.alloc(5);
+const structuredInto = Buffer.alloc(0x200);
+cases.push(
+  {
+    name: 'simple read reply copied straight into the destination',
+    phase: 'options',
+    prefix: hex('0003e889045565a9 00000007 00000001 00000000'),
+    setup: (p) => {
+      simpleInto.fill(0);
+      p.expectRead(5n, { offset: 0, length: 5, into: simpleInto });
+    },
+    bytes: hex('67446698 00000000 0000000000000005 68656c6c6f  67446698 00000000 0000000000000006'),
+    expected: [
+      { kind: 'simple-reply', cookie: 5n, error: 0, data: Buffer.from('hello') },
+      { kind: 'simple-reply', cookie: 6n, error: 0 },
+    ],
+    check: () => assert.deepEqual(simpleInto, Buffer.from('hello')),
+  },
+  {
+    name: 'structured OFFSET_DATA copied straight into the destination, interleaved with another reply',
+    prefix: INTO_TRANSMISSION,
+    setup: (p) => {
+      structuredInto.fill(0);
+      p.expectRead(1n, { offset: 0x1000, length: 0x200, into: structuredInto });
+    },
+    bytes: hex(
+      '668e33ef 0000 0001 0000000000000001 0000000b 0000000000001100 616263' +
+        '668e33ef 0001 0000 0000000000000002 00000000' +
+        '668e33ef 0001 0001 0000000000000001 0000000a 00000000000011fe 7a7a',
+    ),
+    expected: [
+      { kind: 'chunk', cookie: 1n, flags: 0, done: false, chunk: { type: 'offset-data', offset: 0x1100, data: Buffer.from('abc') } },
+      { kind: 'chunk', cookie: 2n, flags: 1, done: true, chunk: { type: 'none' } },
+      { kind: 'chunk', cookie: 1n, flags: 1, done: true, chunk: { type: 'offset-data', offset: 0x11fe, data: Buffer.from('zz') } },
+    ],
+    check: () => {
+      const want = Buffer.alloc(0x200);
+      want.write('abc', 0x100, 'latin1');
+      want.write('zz', 0x1fe, 'latin1');
+      assert.deepEqual(structuredInto, want);
+    },
+  },
+);
+
 function newParser(c: Case): ReplyParser {
   const p = new ReplyParser(c.phase !== undefined ? { phase: c.phase } : {});
   if (c.prefix) p.push(c.prefix);
@@ -169,6 +216,7 @@ describe('ReplyParser: every message split at every byte', () => {
         const got = [...p.push(c.bytes.subarray(0, i)), ...p.push(c.bytes.subarray(i))];
         assert.deepStrictEqual(got, c.expected, `split at ${i}`);
         assert.equal(p.buffered, 0);
+        c.check?.();
       }
       const p = newParser(c);
       const got: ReplyEvent[] = [];
@@ -204,9 +252,16 @@ describe('ReplyParser: violations', () => {
   });
   it('oversized chunk is refused from its header alone', () =>
     rejects(inTransmission(), '668e33ef 0000 0005 0000000000000001 7fffffff', /limit/));
+  it('OFFSET_DATA outside the read is refused before it reaches the destination', () => {
+    const p = inTransmission();
+    const into = Buffer.alloc(16);
+    p.expectRead(1n, { offset: 4096, length: 16, into });
+    rejects(p, '668e33ef 0000 0001 0000000000000001 00000010 0000000000001009 ffffffffffffffff', /outside the request/);
+    assert.deepEqual(into, Buffer.alloc(16));
+  });
   it('OFFSET_DATA longer than the announced read', () => {
     const p = inTransmission();
-    p.expectRead(1n, 16);
+    p.expectRead(1n, { offset: 0, length: 16 });
     rejects(p, '668e33ef 0000 0001 0000000000000001 00000019', /limit/);
   });
   it('NONE without DONE', () => rejects(inTransmission(), '668e33ef 0000 0000 0000000000000001 00000000', /DONE/));
@@ -295,11 +350,11 @@ const simpleMsg: fc.Arbitrary<Msg> = fc.record(
   { requiredKeys: ['t', 'cookie', 'error'] },
 );
 
-function parseChopped(msgs: readonly Msg[], cuts: readonly number[]): ReplyEvent[] {
+function parseChopped(msgs: readonly Msg[], cuts: readonly number[], direct: boolean): ReplyEvent[] {
   const p = new ReplyParser();
   p.push(INTO_TRANSMISSION);
   // A client announces each read before sending it, so before any of its reply arrives.
-  for (const m of msgs) if (m.t === 'simple' && m.read) p.expectRead(m.cookie, m.read.length);
+  for (const m of msgs) if (m.t === 'simple' && m.read) p.expectRead(m.cookie, { offset: 0, length: m.read.length, ...(direct ? { into: Buffer.alloc(m.read.length) } : {}) });
   const stream = Buffer.concat(msgs.map(encodeMsg));
   const events: ReplyEvent[] = [];
   let pos = 0;
@@ -354,11 +409,11 @@ function expectedEvents(msgs: readonly Msg[]): ReplyEvent[] {
 describe('ReplyParser: property', () => {
   it('random structured and simple reply streams chopped randomly parse to the expected events', () => {
     fc.assert(
-      fc.property(fc.array(fc.oneof(structuredMsg, simpleMsg), { minLength: 1, maxLength: 12 }), fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 10 }), (msgs, cuts) => {
+      fc.property(fc.array(fc.oneof(structuredMsg, simpleMsg), { minLength: 1, maxLength: 12 }), fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 10 }), fc.boolean(), (msgs, cuts, direct) => {
         // Cookies of requests in flight are distinct: simple replies get unique low cookies,
         // structured chunks live above 2^63 so they never meet an announced simple read.
         const fixed = msgs.map((m, i) => (m.t === 'simple' ? { ...m, cookie: BigInt(i) } : { ...m, cookie: m.cookie | (1n << 63n) }));
-        assert.deepStrictEqual(parseChopped(fixed, cuts), expectedEvents(fixed));
+        assert.deepStrictEqual(parseChopped(fixed, cuts, direct), expectedEvents(fixed));
       }),
       { numRuns: 300 },
     );
