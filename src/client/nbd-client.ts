@@ -116,6 +116,8 @@ export class NbdClient implements WireHandler {
   private readonly idleWaiters: (() => void)[] = [];
   private readonly maxRequest: number;
   private failure: Error | null = null;
+  /** Set while the socket's write buffer is over its high-water mark. */
+  private drained: Promise<void> | null = null;
   private closing = false;
   private shutdownRequested = false;
 
@@ -317,7 +319,9 @@ export class NbdClient implements WireHandler {
   private async withFua(fua: boolean | undefined, op: (flags: number) => Promise<void>): Promise<void> {
     if (fua !== true) return op(0);
     if (this.canFua) return op(NBD_CMD_FLAG_FUA);
-    // No native FUA: the write is durable once a flush after it completes.
+    // No native FUA: the write is durable once a flush after it completes. A server with
+    // neither FUA nor flush has no write cache to flush (nbdkit and qemu-nbd advertise
+    // flush whenever their backend can cache).
     await op(0);
     if (this.canFlush) await this.flush();
   }
@@ -369,6 +373,8 @@ export class NbdClient implements WireHandler {
   private async submit(cmd: number, flags: number, offset: number, length: number, extra: { payload?: Buffer; readInto?: Buffer; status?: Map<number, BlockDescriptor[]> } = {}): Promise<void> {
     await this.acquire();
     try {
+      // Backpressure: wait until the socket has taken what earlier requests queued.
+      while (this.drained !== null && this.failure === null) await this.drained;
       if (this.failure) throw this.failure;
       if (this.shutdownRequested) throw new RequestError('ESHUTDOWN', 'the server is shutting down');
       const cookie = this.nextCookie++;
@@ -390,11 +396,24 @@ export class NbdClient implements WireHandler {
       });
       // Read data goes from the socket straight into the caller's buffer.
       if (cmd === NBD_CMD.READ) this.session.wire.parser.expectRead(cookie, { offset, length, ...(extra.readInto !== undefined ? { into: extra.readInto } : {}) });
-      this.session.wire.write(header, extra.payload);
+      if (!this.session.wire.write(header, extra.payload)) this.waitForDrain();
       await done;
     } finally {
       this.release();
     }
+  }
+
+  private waitForDrain(): void {
+    if (this.drained !== null) return;
+    const socket = this.session.wire.socket;
+    this.drained = new Promise<void>((resolve) => {
+      const done = (): void => {
+        socket.off('drain', done).off('close', done);
+        this.drained = null;
+        resolve();
+      };
+      socket.on('drain', done).on('close', done);
+    });
   }
 
   // ---- replies (WireHandler) ----
