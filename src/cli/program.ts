@@ -55,6 +55,8 @@ export function buildProgram(): Command {
     .option('--fork', 'go to the background once the server is ready')
     .option('--pid-file <path>', 'write the server pid here')
     .option('-v, --verbose', 'log connections')
+    .option('-l, --load-snapshot <name>', 'serve this qcow2 internal snapshot (id or name), read-only')
+    .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable; default: only the image\'s own directory tree)', collect)
     .action(lazy(() => import('./commands/serve.js')));
 
   program
@@ -63,6 +65,8 @@ export function buildProgram(): Command {
     .argument('<image-or-uri>', 'image file, or nbd:// / nbd+unix:// URI')
     .option('-f, --format <fmt>', 'image format; probed when omitted')
     .option('--json', 'print JSON')
+    .option('--backing-chain', 'describe every image of the backing chain, top first (a JSON array with --json)')
+    .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable)', collect)
     .action(lazy(() => import('./commands/info.js')));
 
   program
@@ -125,6 +129,110 @@ export function buildProgram(): Command {
     .addOption(new Option('--no-progress', 'never show a progress bar'))
     .option('--flush', 'flush the destination at the end (always done for files)')
     .action(lazy(() => import('./commands/copy.js')));
+
+  program
+    .command('create')
+    .summary('create a qcow2 or raw image')
+    .description(
+      'Create an image, as qemu-img create does. SIZE takes k, M, G, T suffixes; with -b it may be left out\n' +
+        'and is then the backing file\'s size. A relative -b is relative to the new image\'s directory.\n\n' +
+        'qcow2 options (-o key=value,...): cluster_size (512..2M), compat (0.10 | 1.1), extended_l2 (on|off),\n' +
+        'compression_type (zlib|zstd), lazy_refcounts (on|off), refcount_bits (1..64),\n' +
+        'preallocation (off|metadata|falloc|full), data_file (external raw data file).\n' +
+        'raw options: preallocation (off|falloc|full).\n\n' +
+        'Examples:\n' +
+        '  imgbd create -f qcow2 disk.qcow2 20G\n' +
+        '  imgbd create -f qcow2 -o cluster_size=2M,extended_l2=on,compression_type=zstd disk.qcow2 20G\n' +
+        '  imgbd create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n' +
+        '  imgbd create -f raw -o preallocation=falloc disk.img 4G',
+    )
+    .argument('<file>', 'the image to create (overwritten if it exists)')
+    .argument('[size]', 'virtual size, e.g. 10G (optional with -b)')
+    .option('-f, --format <fmt>', 'qcow2 or raw', 'raw')
+    .option('-b, --backing <file>', 'backing file (qcow2 only)')
+    .option('-F, --backing-format <fmt>', 'format of the backing file, recorded in the image (required with -b)')
+    .option('-o, --options <opts>', 'format options, key=value[,key=value...] (repeatable)', collect)
+    .option('--allow-backing <path>', 'allow the backing file under PATH when reading its size', collect)
+    .option('-q, --quiet', 'print nothing on success')
+    .action(lazy(() => import('./commands/create.js')));
+
+  program
+    .command('check')
+    .summary('check a qcow2 image for corruptions and leaked clusters')
+    .description(
+      'Check the metadata of a qcow2 image, as qemu-img check does. Exit status: 0 no problems,\n' +
+        '2 corruptions, 3 leaked clusters only, 1 the check could not be completed, 63 the format has\n' +
+        'nothing to check (raw). -r leaks reclaims leaked clusters (safe); -r all also repairs\n' +
+        'corruptions (work on a copy first).\n\n' +
+        'Examples:\n' +
+        '  imgbd check disk.qcow2\n' +
+        '  imgbd check -r leaks --json disk.qcow2',
+    )
+    .argument('<file>', 'the image')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('-r, --repair <what>', 'leaks | all')
+    .option('--json', 'print qemu-img check --output=json keys')
+    .option('-q, --quiet', 'print nothing; the exit status tells')
+    .action(lazy(() => import('./commands/check.js')));
+
+  program
+    .command('clone')
+    .summary('create a qcow2 overlay over an image')
+    .description(
+      'Create NEW, a qcow2 image whose unwritten parts read from BASE. BASE\'s format is recorded in NEW,\n' +
+        'so it is never guessed later; BASE is named relatively when both are in one directory (move them\n' +
+        'together), otherwise by absolute path. BASE is never written through NEW.\n\n' +
+        'Examples:\n' +
+        '  imgbd clone golden.qcow2 vm1.qcow2\n' +
+        '  imgbd clone -f raw golden.img vm1.qcow2 -o cluster_size=64k',
+    )
+    .argument('<base>', 'existing image (any format)')
+    .argument('<new>', 'the overlay to create (must not exist)')
+    .option('-f, --format <fmt>', 'BASE\'s format; probed by magic when omitted, then recorded')
+    .option('-o, --options <opts>', 'qcow2 options for NEW, as for create (repeatable)', collect)
+    .option('--allow-backing <path>', 'allow BASE\'s own backing files under PATH', collect)
+    .option('-q, --quiet', 'print nothing on success')
+    .action(lazy(() => import('./commands/clone.js')));
+
+  program
+    .command('resize')
+    .summary('grow (or, with --shrink, shrink) a qcow2 or raw image')
+    .description(
+      'Change the virtual size, as qemu-img resize does: SIZE is absolute, or relative with + or -.\n' +
+        'Shrinking needs --shrink and is refused while the part that would be cut off holds data.\n' +
+        'Write a negative size after --, e.g. imgbd resize --shrink disk.img -- -1G.\n\n' +
+        'Examples:\n' +
+        '  imgbd resize disk.qcow2 +10G\n' +
+        '  imgbd resize --shrink disk.img 1G',
+    )
+    .argument('<file>', 'the image')
+    .argument('<size>', '[+|-]SIZE')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('--shrink', 'allow making the image smaller')
+    .option('-q, --quiet', 'print nothing on success')
+    .allowUnknownOption()
+    .action(lazy(() => import('./commands/resize.js')));
+
+  program
+    .command('snapshot')
+    .summary('create, apply, delete or list qcow2 internal snapshots')
+    .description(
+      'Manage internal snapshots, as qemu-img snapshot does. Exactly one of -c, -a, -d, -l.\n' +
+        'Do not use it on an image that a running server has open for writing.\n' +
+        'Serve a snapshot read-only with imgbd serve -l NAME.\n\n' +
+        'Examples:\n' +
+        '  imgbd snapshot -c before-upgrade disk.qcow2\n' +
+        '  imgbd snapshot -l disk.qcow2\n' +
+        '  imgbd snapshot -a before-upgrade disk.qcow2',
+    )
+    .argument('<file>', 'a qcow2 image')
+    .option('-c, --create <name>', 'create a snapshot of the current state')
+    .option('-a, --apply <name>', 'revert the image to the snapshot (id or name)')
+    .option('-d, --delete <name>', 'delete the snapshot (id or name)')
+    .option('-l, --list', 'list the snapshots')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('--json', 'with -l: print JSON')
+    .action(lazy(() => import('./commands/snapshot.js')));
 
   return program;
 }

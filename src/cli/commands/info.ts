@@ -1,15 +1,20 @@
-// imgbd info: an image (qemu-img info's JSON keys) or an NBD export (nbdinfo's).
+// imgbd info: an image (qemu-img info's JSON keys and order, --backing-chain as a JSON array) or
+// an NBD export (nbdinfo's).
 
 import { fstatSync, openSync, closeSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { NbdClient } from '../../client/index.js';
+import { resolveBacking, topBackingPolicy, type BackingPolicy } from '../../formats/backing-policy.js';
 import { openImageWithFormat } from '../../formats/open.js';
+import { UsageError } from '../../errors.js';
 import { exportJson, exportText } from '../lib/export-json.js';
 import { formatSize, isNbdUri } from '../parse.js';
 
 interface InfoOptions {
   format?: string;
   json?: boolean;
+  backingChain?: boolean;
+  allowBacking?: string[];
 }
 
 /** A driver may describe its image beyond size and format (qcow2: cluster size, backing...). */
@@ -31,20 +36,45 @@ function actualSize(path: string): number {
   }
 }
 
-async function imageInfo(path: string, o: InfoOptions): Promise<Record<string, unknown>> {
-  const opened = await openImageWithFormat(path, { format: o.format, readOnly: true });
+/** qemu-img's key order: what the driver adds before and after the common keys. */
+const LEADING = ['backing-filename-format', 'snapshots'];
+
+async function imageInfo(path: string, format: string | undefined, allowBacking: readonly string[]): Promise<Record<string, unknown>> {
+  const opened = await openImageWithFormat(path, { format, readOnly: true, ...(allowBacking.length > 0 ? { allowBacking } : {}) });
   try {
     const extra = describable(opened.device) ? opened.device.imageInfo() : {};
-    return {
-      'virtual-size': opened.device.sizeBytes,
-      filename: path,
-      format: opened.format,
-      'actual-size': actualSize(resolve(path)),
-      'dirty-flag': false,
-      ...extra,
-    };
+    const out: Record<string, unknown> = {};
+    for (const k of LEADING) if (k in extra) out[k] = extra[k];
+    out['virtual-size'] = opened.device.sizeBytes;
+    out.filename = path;
+    if ('cluster-size' in extra) out['cluster-size'] = extra['cluster-size'];
+    out.format = opened.format;
+    out['actual-size'] = actualSize(resolve(path));
+    for (const [k, v] of Object.entries(extra)) if (!(k in out) && k !== 'dirty-flag') out[k] = v;
+    out['dirty-flag'] = extra['dirty-flag'] ?? false;
+    return out;
   } finally {
     await opened.device.close();
+  }
+}
+
+/** Every image of the chain, top first, each opened on its own under the same backing policy. */
+async function chainInfo(path: string, o: InfoOptions): Promise<Record<string, unknown>[]> {
+  const allow = o.allowBacking ?? [];
+  const top = await topBackingPolicy(path, allow);
+  let policy = top as BackingPolicy;
+  const out: Record<string, unknown>[] = [];
+  let current = path;
+  let format = o.format;
+  for (;;) {
+    const info = await imageInfo(current, format, allow);
+    out.push(info);
+    const name = info['backing-filename'];
+    if (typeof name !== 'string') return out;
+    const r = await resolveBacking(current, name, policy);
+    policy = r.next;
+    current = String(info['full-backing-filename'] ?? r.path);
+    format = typeof info['backing-filename-format'] === 'string' ? info['backing-filename-format'] : undefined;
   }
 }
 
@@ -55,9 +85,25 @@ function imageText(info: Record<string, unknown>): string {
     `virtual size: ${formatSize(info['virtual-size'] as number)} (${String(info['virtual-size'])} bytes)`,
     `disk size: ${formatSize(info['actual-size'] as number)}`,
   ];
-  for (const [k, v] of Object.entries(info)) {
-    if (['filename', 'format', 'virtual-size', 'actual-size', 'dirty-flag'].includes(k)) continue;
-    lines.push(`${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`);
+  if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${String(info['cluster-size'])}`);
+  if (typeof info['backing-filename'] === 'string') {
+    const full = info['full-backing-filename'];
+    lines.push(`backing file: ${info['backing-filename']}${full !== info['backing-filename'] ? ` (actual path: ${String(full)})` : ''}`);
+  }
+  if (typeof info['backing-filename-format'] === 'string') lines.push(`backing file format: ${info['backing-filename-format']}`);
+  const snaps = info.snapshots as Record<string, unknown>[] | undefined;
+  if (snaps && snaps.length > 0) {
+    lines.push('Snapshot list:', 'ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT');
+    for (const s of snaps) {
+      const date = new Date(Number(s['date-sec']) * 1000).toISOString().replace('T', ' ').slice(0, 19);
+      lines.push(`${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${String(s['vm-state-size']).padStart(7)} B ${date}`);
+    }
+  }
+  if (info['dirty-flag'] === true) lines.push('dirty flag: true');
+  const fs = info['format-specific'] as { data?: Record<string, unknown> } | undefined;
+  if (fs?.data) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${k.replace(/-/g, ' ')}: ${String(v)}`);
   }
   return `${lines.join('\n')}\n`;
 }
@@ -66,12 +112,18 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const o = opts as InfoOptions;
   const target = args[0]!;
   if (isNbdUri(target)) {
+    if (o.backingChain) throw new UsageError('--backing-chain applies to image files, not NBD exports');
     const info = await NbdClient.info(target);
     const contexts = await NbdClient.listMetaContexts(target).catch(() => []);
     process.stdout.write(o.json ? `${JSON.stringify(exportJson(info, contexts), null, 2)}\n` : exportText(info, contexts));
     return 0;
   }
-  const info = await imageInfo(target, o);
-  process.stdout.write(o.json ? `${JSON.stringify(info, null, 2)}\n` : imageText(info));
+  if (o.backingChain) {
+    const chain = await chainInfo(target, o);
+    process.stdout.write(o.json ? `${JSON.stringify(chain, null, 4)}\n` : chain.map(imageText).join('\n'));
+    return 0;
+  }
+  const info = await imageInfo(target, o.format, o.allowBacking ?? []);
+  process.stdout.write(o.json ? `${JSON.stringify(info, null, 4)}\n` : imageText(info));
   return 0;
 }

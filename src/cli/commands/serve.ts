@@ -37,6 +37,8 @@ interface ServeOptions {
   fork?: boolean;
   pidFile?: string;
   verbose?: boolean;
+  loadSnapshot?: string;
+  allowBacking?: string[];
 }
 
 const FORK_ENV = 'IMGBD_SERVE_FORKED';
@@ -73,8 +75,17 @@ function tlsConfig(o: ServeOptions): { mode: TlsMode; credentials?: TlsCredentia
 }
 
 async function openExportDevice(path: string, o: ServeOptions): Promise<BlockDevice> {
-  const readOnly = (o.readOnly ?? false) && !o.snapshot;
-  let dev = (await openImageWithFormat(path, { format: o.format, readOnly: o.snapshot ? true : readOnly })).device;
+  const readOnly = ((o.readOnly ?? false) || o.loadSnapshot !== undefined) && !o.snapshot;
+  const extra = {
+    ...(o.loadSnapshot !== undefined ? { snapshot: o.loadSnapshot } : {}),
+    ...(o.allowBacking !== undefined && o.allowBacking.length > 0 ? { allowBacking: o.allowBacking } : {}),
+  };
+  const opened = await openImageWithFormat(path, { format: o.format, readOnly: o.snapshot || o.loadSnapshot !== undefined ? true : readOnly, ...extra });
+  if (o.loadSnapshot !== undefined && opened.format !== 'qcow2') {
+    await opened.device.close();
+    throw new UsageError(`-l loads a qcow2 internal snapshot, but ${path} is ${opened.format}`);
+  }
+  let dev = opened.device;
   if (o.offset !== undefined || o.size !== undefined) {
     const offsetBytes = o.offset !== undefined ? parseSize(o.offset, 'offset') : 0;
     const sizeBytes = o.size !== undefined ? parseSize(o.size, 'size') : undefined;
@@ -120,6 +131,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
   if (o.socket && (o.port || o.bind)) throw new UsageError('use either -k SOCKET or -p PORT/-b ADDR, not both');
   const maxConnections = o.shared === undefined ? 1 : parseCount(o.shared, '--shared', 0) || Number.POSITIVE_INFINITY;
   const handshakeTimeoutMs = parseCount(o.handshakeTimeout, '--handshake-timeout', 1, 3600) * 1000;
+  if (o.loadSnapshot !== undefined && o.format !== undefined && o.format !== 'qcow2') throw new UsageError(`-l loads a qcow2 internal snapshot; -f ${o.format} images have none`);
   const tls = tlsConfig(o);
   const logger = stderrLogger(o.verbose ?? false);
 
@@ -135,7 +147,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
       name: names[i] ?? (images.length === 1 ? '' : basename(image)),
       description: descriptions[i],
       device: devices[i]!,
-      readOnly: (o.readOnly ?? false) && !o.snapshot,
+      readOnly: ((o.readOnly ?? false) || o.loadSnapshot !== undefined) && !o.snapshot,
     })),
     logger,
     maxConnections,

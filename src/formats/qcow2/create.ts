@@ -5,8 +5,10 @@
 // Layout: cluster 0 header | refcount table | refcount blocks | L1 table | (preallocation:
 // L2 tables | data clusters). Every cluster of it has refcount 1.
 
+import { dirname, isAbsolute, resolve } from 'node:path';
 import { UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
+import { fallocate } from '../../sys/libc.js';
 import { writeU64 } from '../../util/u64.js';
 import {
   encodeQcow2Header,
@@ -32,7 +34,16 @@ export interface Qcow2CreateOptions {
   readonly refcountBits?: number;
   readonly backingFile?: string;
   readonly backingFormat?: string;
-  readonly preallocation?: 'off' | 'metadata';
+  /**
+   * metadata: L2 tables and data clusters mapped; falloc: also reserved on the host
+   * (fallocate); full: also written with zeros.
+   */
+  readonly preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+  /**
+   * External data file (incompatible bit 2), named as stored in the image and created, raw,
+   * with the virtual size; guest data lives at its guest offset there.
+   */
+  readonly dataFile?: string;
 }
 
 /** Create (or overwrite) a qcow2 image at `path`. */
@@ -58,7 +69,12 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
   const g = makeGeometry(clusterBits, extL2, version);
   const l1Size = l1EntriesFor(sizeBytes, clusterBits, g.l2EntryBytes);
   if (l1Size * 8 > QCOW2_MAX_L1_BYTES) throw new UsageError(`qcow2: size ${sizeBytes} needs an L1 table above the 32 MiB limit`);
-  const prealloc = o.preallocation === 'metadata';
+  const preallocation = o.preallocation ?? 'off';
+  if (!['off', 'metadata', 'falloc', 'full'].includes(preallocation)) throw new UsageError(`qcow2: preallocation must be off, metadata, falloc or full, not '${preallocation}'`);
+  const prealloc = preallocation !== 'off';
+  const external = o.dataFile !== undefined;
+  if (external && version === 2) throw new UsageError('qcow2: an external data file needs compat 1.1');
+  if (external && prealloc) throw new UsageError('qcow2: preallocation with an external data file is not supported by imgbd; create with preallocation=off');
 
   const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / clusterSize));
   const l2Tables = prealloc ? l1Size : 0;
@@ -84,6 +100,7 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
   let incompat = 0n;
   if (extL2) incompat |= QCOW2_INCOMPAT.EXTL2;
   if (zstd) incompat |= QCOW2_INCOMPAT.COMPRESSION;
+  if (external) incompat |= QCOW2_INCOMPAT.DATA_FILE;
   const header = encodeQcow2Header({
     version,
     clusterBits,
@@ -101,8 +118,19 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
     compressionType: zstd ? QCOW2_COMPRESSION.ZSTD : QCOW2_COMPRESSION.ZLIB,
     backingFile: o.backingFile ?? null,
     backingFormat: o.backingFormat ?? null,
-    dataFile: null,
+    dataFile: o.dataFile ?? null,
   });
+  if (external) {
+    const dataPath = isAbsolute(o.dataFile!) ? o.dataFile! : resolve(dirname(path), o.dataFile!);
+    const df = await HostFile.open(dataPath, { create: true });
+    try {
+      await df.truncate(0);
+      await df.truncate(sizeBytes);
+      await df.datasync();
+    } finally {
+      await df.close();
+    }
+  }
 
   const file = await HostFile.open(path, { create: true });
   try {
@@ -127,11 +155,22 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
     }
     await file.pwrite(l1, l1Offset);
     await file.truncate(total * clusterSize);
+    if (dataClusters > 0 && preallocation === 'falloc') await fallocate(file.fd, 0, dataOffset, dataClusters * clusterSize);
+    if (dataClusters > 0 && preallocation === 'full') await writeZeros(file, dataOffset, dataClusters * clusterSize);
     // The header goes last: until it is written the file is not a qcow2 image at all.
     await file.datasync();
     await file.pwrite(header, 0);
     await file.datasync();
   } finally {
     await file.close();
+  }
+}
+
+/** Write real zeros (preallocation=full): the host must hold every byte, not a hole. */
+async function writeZeros(file: HostFile, offset: number, length: number): Promise<void> {
+  const chunk = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
+  for (let done = 0; done < length; done += chunk.length) {
+    const n = Math.min(chunk.length, length - done);
+    await file.pwrite(n === chunk.length ? chunk : chunk.subarray(0, n), offset + done);
   }
 }

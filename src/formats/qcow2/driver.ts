@@ -9,7 +9,7 @@
 //   lazy_refcounts: the dirty bit is set and flushed before the first refcount is skipped, and
 //   refcounts are rebuilt on the next writable open when it is found set.
 
-import { dirname, isAbsolute, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
@@ -46,6 +46,7 @@ import {
 } from './map.js';
 import { decodeReftable, RefcountManager, type ImageState } from './refcount.js';
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
+import { describeQcow2 } from './info.js';
 import { adjustTreeRefcounts, encodeSnapshotTable, refreshCopiedFlags, snapshotExtraData, type SnapshotTarget } from './snapshot-ops.js';
 import { writeU64 } from '../../util/u64.js';
 
@@ -797,6 +798,23 @@ export class Qcow2Device implements BlockDevice {
   /** The internal snapshots, in table order. */
   get snapshots(): readonly Qcow2Snapshot[] {
     return this.snapshotList;
+  }
+
+  /** qemu-img info's image-specific keys (cluster size, backing file, snapshots, format-specific). */
+  imageInfo(): Record<string, unknown> {
+    const h = this.header;
+    const d = describeQcow2(h, this.snapshotList);
+    const o: Record<string, unknown> = {};
+    if (h.backingFile !== null && h.backingFormat !== null) o['backing-filename-format'] = h.backingFormat;
+    if (d.snapshots.length > 0) o.snapshots = d.snapshots;
+    o['cluster-size'] = this.geometry.clusterSize;
+    o['format-specific'] = d.formatSpecific;
+    if (h.backingFile !== null) {
+      o['full-backing-filename'] = isAbsolute(h.backingFile) ? h.backingFile : join(dirname(this.file.path), h.backingFile);
+      o['backing-filename'] = h.backingFile;
+    }
+    o['dirty-flag'] = this.dirty;
+    return o;
   }
 
   private findSnapshot(idOrName: string): Qcow2Snapshot {

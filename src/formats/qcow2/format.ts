@@ -2,7 +2,7 @@
 // opened through the registry (any registered format, read-only, depth-bounded).
 
 import type { BlockDevice } from '../../block/device.js';
-import { UnsupportedImageError } from '../../errors.js';
+import { BACKING_MAX_DEPTH, BackingPolicyError, backingFormatFor, resolveBacking, topBackingPolicy, type BackingPolicy } from '../backing-policy.js';
 import { HostFile } from '../../io/host-file.js';
 import { openImageWithFormat } from '../open.js';
 import type { FormatDriver, FormatRegistry, OpenImageOptions } from '../registry.js';
@@ -10,37 +10,60 @@ import { QCOW2_MAGIC } from './header.js';
 import { Qcow2Device } from './driver.js';
 
 /** Backing chains deeper than this are refused (QEMU has no fixed limit; loops must end). */
-export const QCOW2_MAX_BACKING_DEPTH = 64;
+export const QCOW2_MAX_BACKING_DEPTH = BACKING_MAX_DEPTH;
 
 export interface Qcow2PathOptions extends OpenImageOptions {
-  /** false: refuse images that have a backing file. */
-  readonly allowBacking?: boolean;
+  /**
+   * Where backing (and external data) files may live: false refuses images that have one, an
+   * array adds allowed roots to the image's own directory tree (the default), true allows any.
+   */
+  readonly allowBacking?: readonly string[] | boolean;
   readonly l2CacheBytes?: number;
   readonly registry?: FormatRegistry;
-  /** Internal: how deep in a backing chain this image is. */
-  readonly backingDepth?: number;
+  /** Serve this internal snapshot (id, else name) read-only. */
+  readonly snapshot?: string;
+  /** Open without the backing file (check, snapshot, resize never read guest data through it). */
+  readonly ignoreBacking?: boolean;
+  /** Internal: the policy inherited from the image above in a backing chain. */
+  readonly backingPolicy?: BackingPolicy;
 }
 
 export async function openQcow2Path(path: string, opts: Qcow2PathOptions = {}): Promise<Qcow2Device> {
-  const depth = opts.backingDepth ?? 0;
-  if (depth > QCOW2_MAX_BACKING_DEPTH) throw new UnsupportedImageError(`qcow2: backing chain deeper than ${QCOW2_MAX_BACKING_DEPTH} at ${path}`);
   const readOnly = opts.readOnly ?? false;
+  const policy = isPolicy(opts.backingPolicy) ? opts.backingPolicy : await topBackingPolicy(path, opts.allowBacking);
+  const refuse = (what: string, name: string): never => {
+    throw new BackingPolicyError(`qcow2: ${path} has ${what} ${JSON.stringify(name)} and ${what}s are not allowed here`);
+  };
   const file = await HostFile.open(path, { readOnly });
   try {
     return await Qcow2Device.open(file, {
       readOnly,
+      ...(opts.ignoreBacking === true ? { backing: null } : {}),
+      snapshot: typeof opts.snapshot === 'string' ? opts.snapshot : undefined,
       l2CacheBytes: typeof opts.l2CacheBytes === 'number' ? opts.l2CacheBytes : undefined,
       openBacking: async (ref): Promise<BlockDevice> => {
-        if (opts.allowBacking === false) throw new UnsupportedImageError(`qcow2: ${path} has backing file ${JSON.stringify(ref.fileName)} and backing files are not allowed here`);
-        const nested: Qcow2PathOptions = { readOnly: true, backingDepth: depth + 1, allowBacking: opts.allowBacking, registry: opts.registry };
-        const r = await openImageWithFormat(ref.path, { ...nested, format: ref.format ?? undefined });
-        return r.device;
+        if (policy === false) return refuse('backing file', ref.fileName);
+        const r = await resolveBacking(path, ref.fileName, policy);
+        // Never writable, whatever the caller asked for the top image; the recorded format wins
+        // and a missing one is probed by magic (a recorded 'raw' is never probed).
+        const nested: Qcow2PathOptions = { readOnly: true, backingPolicy: r.next, allowBacking: opts.allowBacking, registry: opts.registry };
+        const opened = await openImageWithFormat(r.path, { ...nested, format: backingFormatFor(ref.format) });
+        return opened.device;
+      },
+      openDataFile: async (ref, ro): Promise<HostFile> => {
+        if (policy === false) return refuse('data file', ref.fileName);
+        const r = await resolveBacking(path, ref.fileName, policy, 'data file');
+        return HostFile.open(r.path, { readOnly: ro });
       },
     });
   } catch (err) {
     await file.close();
     throw err;
   }
+}
+
+function isPolicy(x: unknown): x is BackingPolicy {
+  return typeof x === 'object' && x !== null && Array.isArray((x as BackingPolicy).chain);
 }
 
 export const qcow2Format: FormatDriver = {
