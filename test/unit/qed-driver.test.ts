@@ -10,6 +10,7 @@ import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../src/errors.js';
 import { openImageWithFormat } from '../../src/formats/open.js';
 import { probeFormat, readProbeHead } from '../../src/formats/probe.js';
+import { createQcow2 } from '../../src/formats/qcow2/create.js';
 import { createQed } from '../../src/formats/qed/create.js';
 import { openQedPath } from '../../src/formats/qed/format.js';
 import { QED_F } from '../../src/formats/qed/header.js';
@@ -328,4 +329,17 @@ test('qed: concurrent writes into the same unallocated clusters all land, each c
   assert.deepEqual([again.checkResult?.invalidEntries, again.checkResult?.duplicateReferences, again.checkResult?.leakedClusters], [0, 0, 0]);
   assert.equal(statSync(p).size, 4096 * (1 + 2 + 2 * 2 + 32));
   assert.ok((await readAll(again)).equals(model));
+});
+
+test('qed backing loops end with an error: onto itself, and through a qcow2 image', async (t) => {
+  const dir = tempDir(t);
+  const self = join(dir, 'self.qed');
+  await createQed(self, { sizeBytes: MiB, backingFile: 'self.qed' });
+  await assert.rejects(openQedPath(self, { readOnly: true }), (e: unknown) => e instanceof UnsupportedImageError && /loops back/.test(e.message));
+  const a = join(dir, 'a.qed');
+  await createQed(a, { sizeBytes: MiB, backingFile: 'b.qcow2', backingFormat: 'qcow2' });
+  await createQcow2(join(dir, 'b.qcow2'), { sizeBytes: MiB, backingFile: 'a.qed', backingFormat: 'qed' });
+  for (const top of [a, join(dir, 'b.qcow2')]) {
+    await assert.rejects(openImageWithFormat(top, { readOnly: true }), (e: unknown) => e instanceof UnsupportedImageError && /loops back/.test(e.message));
+  }
 });

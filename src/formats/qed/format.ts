@@ -1,53 +1,51 @@
 // The qed entry in the format registry: probe by magic, open by path with the backing file opened
-// through the registry (any registered format, read-only, depth-bounded, confined to the allowed
-// directories).
+// through the registry (any registered format, read-only) under the backing policy shared with
+// the other formats (confined to the allowed roots, loops and over-deep chains refused).
 
-import { UnsupportedImageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
+import { BackingPolicyError, backingFormatFor, resolveBacking, topBackingPolicy, type BackingPolicy } from '../backing-policy.js';
 import type { FormatDriver, FormatRegistry, OpenImageOptions } from '../registry.js';
-import { resolveBackingPath } from './backing-path.js';
 import { QedDevice } from './driver.js';
 import { QED_MAGIC } from './header.js';
 
-/** Backing chains deeper than this are refused, so a loop of images ends. */
-export const QED_MAX_BACKING_DEPTH = 64;
-
 export interface QedPathOptions extends OpenImageOptions {
   /**
-   * Directories a backing file may live in (default: the image's own directory tree); false
-   * refuses images with a backing file.
+   * Where backing files may live: false refuses images that have one, an array adds allowed
+   * roots to the image's own directory tree (the default), true allows any.
    */
   readonly allowBacking?: readonly string[] | boolean;
   readonly tableCacheBytes?: number;
   readonly registry?: FormatRegistry;
-  /** Internal: how deep in a backing chain this image is. */
-  readonly backingDepth?: number;
+  /** Internal: the policy inherited from the image above in a backing chain. */
+  readonly backingPolicy?: BackingPolicy;
+}
+
+function isPolicy(x: unknown): x is BackingPolicy {
+  return typeof x === 'object' && x !== null && Array.isArray((x as BackingPolicy).chain);
 }
 
 export async function openQedPath(path: string, opts: QedPathOptions = {}): Promise<QedDevice> {
-  const depth = typeof opts.backingDepth === 'number' ? opts.backingDepth : 0;
-  if (depth > QED_MAX_BACKING_DEPTH) throw new UnsupportedImageError(`qed: backing chain deeper than ${QED_MAX_BACKING_DEPTH} at ${path}`);
   const readOnly = opts.readOnly ?? false;
-  const allow = opts.allowBacking;
+  const policy = isPolicy(opts.backingPolicy) ? opts.backingPolicy : await topBackingPolicy(path, opts.allowBacking);
   const file = await HostFile.open(path, { readOnly });
   try {
     return await QedDevice.open(file, {
       readOnly,
       tableCacheBytes: typeof opts.tableCacheBytes === 'number' ? opts.tableCacheBytes : undefined,
       openBacking: async (ref) => {
-        if (allow === false) throw new UnsupportedImageError(`qed: ${path} has backing file ${JSON.stringify(ref.fileName)} and backing files are not allowed here`);
-        const dirs = Array.isArray(allow) ? allow.filter((d): d is string => typeof d === 'string') : undefined;
-        const target = await resolveBackingPath('qed', path, ref.fileName, dirs);
+        if (policy === false) throw new BackingPolicyError(`qed: ${path} has backing file ${JSON.stringify(ref.fileName)} and backing files are not allowed here`);
+        const r = await resolveBacking(path, ref.fileName, policy);
         // Imported when needed: open.js imports the registry, which imports this module.
         const { openImageWithFormat } = await import('../open.js');
-        const r = await openImageWithFormat(target, {
+        // Never writable; QED records only "raw, do not probe", anything else is probed by magic.
+        const opened = await openImageWithFormat(r.path, {
           readOnly: true,
-          backingDepth: depth + 1,
-          allowBacking: allow,
+          backingPolicy: r.next,
+          allowBacking: opts.allowBacking,
           registry: opts.registry,
-          format: ref.format ?? undefined,
+          format: backingFormatFor(ref.format),
         });
-        return r.device;
+        return opened.device;
       },
     });
   } catch (err) {
