@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { requirePeers, tempDir } from '../helpers/peers.js';
-import { assertVmChecks, vmTimings } from './checks.js';
+import { assertVmChecks, vmChecks, vmTimings } from './checks.js';
 import { guestNodeCommand, requireVm, runInVm, shQuote } from './harness.js';
 
 const MiB = 1024 * 1024;
@@ -35,6 +35,8 @@ test('kernel VM: attach failure paths — kill -9, watched process, signals, ioc
   execFileSync('truncate', ['-s', String(32 * MiB), join(dir, 'i.img')]);
   const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 600_000, memoryMb: 2048 });
   t.diagnostic(`boot to poweroff: ${r.elapsedMs} ms; ${vmTimings(r).map((x) => `${x.timing} ${x.ms} ms`).join(', ')}`);
+  const io = vmChecks(r, 'attach-failure').find((c) => c.check === 'kill9-io-fails-within-timeout');
+  if (io) t.diagnostic(`after kill -9 (timeout 5 s): ${JSON.stringify(io.detail)}`);
 
   await t.test('guest script finished', () => {
     assert.equal(r.exitCode, 0, `guest output:\n${r.output.slice(-3000)}\nconsole:\n${r.console.slice(-3000)}`);
