@@ -343,3 +343,15 @@ test('qed backing loops end with an error: onto itself, and through a qcow2 imag
     await assert.rejects(openImageWithFormat(top, { readOnly: true }), (e: unknown) => e instanceof UnsupportedImageError && /loops back/.test(e.message));
   }
 });
+
+test('qed ignoreBacking: a missing backing file does not stop a resize', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'ib.qed');
+  await createQed(p, { sizeBytes: MiB, backingFile: 'gone.raw', backingFormat: 'raw' });
+  await assert.rejects(openQedPath(p, { readOnly: true }), /ENOENT|no such file/i);
+  const dev = await openQedPath(p, { ignoreBacking: true });
+  await dev.resize(2 * MiB);
+  await dev.close();
+  assert.equal(Number(readFileSync(p).readBigUInt64LE(48)), 2 * MiB);
+  assert.equal(readFileSync(p).subarray(64, 72).toString('latin1'), 'gone.raw');
+});

@@ -40,6 +40,11 @@ export interface QedOpenOptions {
   readonly openBacking?: (ref: QedBackingRef) => Promise<BlockDevice>;
   /** Bytes of L2 tables kept in memory (default 8 MiB, at least two tables). */
   readonly tableCacheBytes?: number;
+  /**
+   * Do not open the backing file: unallocated clusters then read as zeros. For tools that never
+   * read guest data through it (resize, check), so a missing backing file does not stop them.
+   */
+  readonly ignoreBacking?: boolean;
 }
 
 const DEFAULT_TABLE_CACHE_BYTES = 8 * 1024 * 1024;
@@ -155,7 +160,7 @@ export class QedDevice implements BlockDevice {
     }
 
     let backing: BlockDevice | null = null;
-    if (backingFileName !== null) {
+    if (backingFileName !== null && opts.ignoreBacking !== true) {
       if (!opts.openBacking) throw new UnsupportedImageError(`qed: image has backing file ${JSON.stringify(backingFileName)} but no way to open it was given`);
       const format = header.features & QED_F.BACKING_FORMAT_NO_PROBE ? 'raw' : null;
       backing = await opts.openBacking({ fileName: backingFileName, format });

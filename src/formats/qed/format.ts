@@ -16,6 +16,8 @@ export interface QedPathOptions extends OpenImageOptions {
   readonly allowBacking?: readonly string[] | boolean;
   readonly tableCacheBytes?: number;
   readonly registry?: FormatRegistry;
+  /** Open without the backing file (see QedOpenOptions.ignoreBacking). */
+  readonly ignoreBacking?: boolean;
   /** Internal: the policy inherited from the image above in a backing chain. */
   readonly backingPolicy?: BackingPolicy;
 }
@@ -32,6 +34,7 @@ export async function openQedPath(path: string, opts: QedPathOptions = {}): Prom
     return await QedDevice.open(file, {
       readOnly,
       tableCacheBytes: typeof opts.tableCacheBytes === 'number' ? opts.tableCacheBytes : undefined,
+      ignoreBacking: opts.ignoreBacking === true,
       openBacking: async (ref) => {
         if (policy === false) throw new BackingPolicyError(`qed: ${path} has backing file ${JSON.stringify(ref.fileName)} and backing files are not allowed here`);
         const r = await resolveBacking(path, ref.fileName, policy);
