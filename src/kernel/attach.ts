@@ -3,7 +3,7 @@
 // it attached. The supervisor owns the device from then on (supervisor.ts).
 
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, realpathSync, rmSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
@@ -39,7 +39,8 @@ export function supervisorEntry(): { script: string; nodeArgs: string[] } {
   const here = fileURLToPath(import.meta.url);
   const ts = here.endsWith('.ts');
   const script = join(here, '..', ts ? 'supervisor-main.ts' : 'supervisor-main.js');
-  return { script, nodeArgs: ts ? ['--import', 'tsx'] : ['--enable-source-maps'] };
+  // Resolved here, so the supervisor finds tsx whatever the caller's working directory.
+  return { script, nodeArgs: ts ? ['--import', import.meta.resolve('tsx')] : ['--enable-source-maps'] };
 }
 
 export function buildSupervisorConfig(opts: AttachOptions, logFile: string): SupervisorConfig {
@@ -54,8 +55,9 @@ export function buildSupervisorConfig(opts: AttachOptions, logFile: string): Sup
   if (opts.watchPid !== undefined && (!Number.isSafeInteger(opts.watchPid) || opts.watchPid <= 0)) {
     throw new UsageError(`--watch-pid must be a process id, not ${opts.watchPid}`);
   }
-  const image = resolve(opts.image);
-  if (!existsSync(image)) throw new UsageError(`${opts.image}: no such file`);
+  if (!existsSync(opts.image)) throw new UsageError(`${opts.image}: no such file`);
+  // The real path: detach and list match images by it, whatever link was used to attach.
+  const image = realpathSync(resolve(opts.image));
   let mount: SupervisorConfig['mount'];
   if (opts.mount) {
     const dir = resolve(opts.mount.dir);

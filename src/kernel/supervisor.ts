@@ -111,6 +111,12 @@ export class Supervisor {
       this.log.info(`exporting partition ${partition.number}: ${partition.sizeBytes} bytes at ${partition.startBytes}`);
     }
     const what = `${cfg.image}${describePartition(cfg.partition)}`;
+    if (cfg.mount && cfg.partition === null) {
+      const table = await readPartitions(exported).catch(() => null);
+      if (table && table.partitions.length > 0) {
+        throw new UsageError(`${cfg.image} has a ${table.scheme.toUpperCase()} partition table: to mount, attach one partition (${cfg.image}:N)`);
+      }
+    }
     const fstype = cfg.mount ? (await probeMountableFilesystem(exported, what)).type : null;
     const mountOpts = cfg.mount ? parseMountOptions(cfg.mount.options, cfg.readOnly) : null;
 
