@@ -80,8 +80,8 @@ export function buildProgram(): Command {
     .command('attach')
     .summary('attach an image (or one of its partitions) as /dev/nbdN')
     .description(
-      'Attach IMAGE as /dev/nbdN through the kernel NBD driver, served by a supervisor process that stays\n' +
-        'in the background (state in /run/imgbd). IMAGE:N attaches only partition N; IMAGE:name=LABEL the GPT\n' +
+      'Attach IMAGE as /dev/nbdN through the kernel NBD driver, served by a supervisor process that stays ' +
+        'in the background (state in /run/imgbd). IMAGE:N attaches only partition N; IMAGE:name=LABEL the GPT ' +
         'partition so named. Prints the device once it (and every partition node) is usable.',
     )
     .argument('<image>', 'IMAGE, IMAGE:N or IMAGE:name=LABEL')
