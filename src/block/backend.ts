@@ -182,6 +182,14 @@ export class Backend implements BlockDevice {
     return this.next.pread(buf, offset);
   }
 
+  /** The synchronous read fast path; any request pread would refuse goes to pread instead. */
+  readNow(buf: Buffer, offset: number): boolean {
+    const len = buf.length;
+    if (this.next.readNow === undefined || len === 0 || len > this.sizes.maximum) return false;
+    if (this.checkRange('read', offset, len, 'EINVAL') !== null) return false;
+    return this.next.readNow(buf, offset);
+  }
+
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const len = buf.length;
     const fua = opts?.fua === true;

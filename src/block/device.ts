@@ -83,6 +83,12 @@ export interface BlockDevice {
 
   /** Fill `buf` with `buf.length` bytes from `offset`. The caller owns the buffer. */
   pread(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Optional fast path: fill `buf` synchronously when that cannot block (the data is in memory
+   * or the page cache) and return true; return false, maybe having written into `buf`, when
+   * the caller must use pread. The server tries it first for every read.
+   */
+  readNow?(buf: Buffer, offset: number): boolean;
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   flush?(): Promise<void>;
   trim?(offset: number, length: number, opts?: WriteOptions): Promise<void>;

@@ -47,6 +47,8 @@ export interface ConnectionLimits {
   readonly maxPayloadBytes: number;
   /** Largest oversized write payload drained (refused with EINVAL) rather than disconnecting. */
   readonly maxDrainBytes: number;
+  /** Unsent reply bytes above which no new request is started (resumes on 'drain'). */
+  readonly maxReplyBacklogBytes: number;
   /** Structured reads at least this long ask the device for holes and send OFFSET_HOLE chunks. */
   readonly sparseReadMinBytes: number;
 }
@@ -60,6 +62,7 @@ export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = {
   maxPayloadBytes: 32 * 1024 * 1024,
   maxDrainBytes: 64 * 1024 * 1024,
   sparseReadMinBytes: 64 * 1024,
+  maxReplyBacklogBytes: 4 * 1024 * 1024,
 };
 
 /** What a connection needs from its server. */
@@ -284,7 +287,13 @@ export class Connection {
       case 'handshake':
         return this.socket.writableLength > HANDSHAKE_BACKLOG_BYTES;
       case 'transmission':
-        return this.inFlight >= this.limits.maxInFlightRequests || this.inFlightBytes + this.socket.writableLength > this.limits.maxInFlightBytes;
+        return (
+          this.inFlight >= this.limits.maxInFlightRequests ||
+          this.inFlightBytes + this.socket.writableLength > this.limits.maxInFlightBytes ||
+          // Replies the client has not taken yet: starting more work would only grow the queue
+          // and thrash the cache with buffers that cannot leave anyway.
+          this.socket.writableLength > this.limits.maxReplyBacklogBytes
+        );
       default:
         return true;
     }
@@ -431,7 +440,7 @@ export class Connection {
         if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && length >= this.limits.sparseReadMinBytes) {
           void this.runSparseRead(cookie, offset, length);
         } else {
-          void this.runRead(cookie, offset, length);
+          if (!this.readNow(cookie, offset, length)) void this.runRead(cookie, offset, length);
         }
         return;
       case NBD_CMD.WRITE:
@@ -498,6 +507,20 @@ export class Connection {
     } finally {
       this.finish(bytes);
     }
+  }
+
+  /** Cached data is read on this thread and answered in the same turn: no promise, no pool hop. */
+  private readNow(cookie: bigint, offset: number, length: number): boolean {
+    const pool = this.host.pool;
+    const buf = pool.acquire(length);
+    if (!this.exp!.backend.readNow(buf.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length), offset)) {
+      pool.release(buf);
+      return false;
+    }
+    if (this.writable) this.replies.readData(cookie, offset, length, buf, this.structured);
+    else pool.release(buf);
+    this.finish(length);
+    return true;
   }
 
   private async runRead(cookie: bigint, offset: number, length: number): Promise<void> {

@@ -48,6 +48,11 @@ class OffsetDevice implements BlockDevice {
     return e ? Promise.reject(e) : this.next.pread(buf, offset + this.base);
   }
 
+  readNow(buf: Buffer, offset: number): boolean {
+    if (this.next.readNow === undefined || offset < 0 || offset + buf.length > this.sizeBytes) return false;
+    return this.next.readNow(buf, offset + this.base);
+  }
+
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const e = this.outside(offset, buf.length, true);
     return e ? Promise.reject(e) : this.next.pwrite!(buf, offset + this.base, opts);

@@ -38,6 +38,10 @@ class ReadOnlyDevice implements BlockDevice {
     return this.next.pread(buf, offset);
   }
 
+  readNow(buf: Buffer, offset: number): boolean {
+    return this.next.readNow?.(buf, offset) ?? false;
+  }
+
   extents?(offset: number, length: number, opts?: ExtentsOptions): Promise<Extent[]> {
     return this.next.extents!(offset, length, opts);
   }

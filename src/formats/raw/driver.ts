@@ -30,6 +30,7 @@ import {
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
 } from '../../sys/libc.js';
+import { preadNowait } from '../../sys/nowait.js';
 import { isRotational } from '../../sys/rotational.js';
 import { PROBE_HEAD_BYTES } from '../magic.js';
 import type { FormatDriver, OpenImageOptions } from '../registry.js';
@@ -98,6 +99,10 @@ export class RawDevice implements BlockDevice {
 
   pread(buf: Buffer, offset: number): Promise<void> {
     return this.file.pread(buf, offset);
+  }
+
+  readNow(buf: Buffer, offset: number): boolean {
+    return offset + buf.length <= this.sizeBytes && preadNowait(this.fd, buf, offset);
   }
 
   pwrite(buf: Buffer, offset: number): Promise<void> {

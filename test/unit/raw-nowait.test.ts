@@ -1,0 +1,43 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { Backend } from '../../src/block/backend.js';
+import { offsetFilter } from '../../src/block/filters/offset.js';
+import { openRaw } from '../../src/formats/raw/driver.js';
+import { tempDir } from '../helpers/peers.js';
+
+test('readNow serves page-cached data synchronously, exactly as pread does', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'disk.raw');
+  const data = randomBytes(1 << 20);
+  writeFileSync(path, data); // just written: in the page cache
+  const raw = await openRaw(path, { readOnly: true });
+  t.after(() => raw.close());
+  const dev = new Backend(raw);
+  for (const [offset, length] of [[0, 4096], [12345, 1], [(1 << 20) - 7, 7], [4096, 65536]] as const) {
+    const buf = Buffer.alloc(length, 0xaa);
+    assert.equal(dev.readNow(buf, offset), true, `readNow(${offset}, ${length})`);
+    assert.deepEqual(buf, data.subarray(offset, offset + length));
+  }
+});
+
+test('readNow declines what pread must refuse or cannot finish, leaving it to pread', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'disk.raw');
+  writeFileSync(path, randomBytes(8192));
+  const raw = await openRaw(path, { readOnly: true });
+  t.after(() => raw.close());
+  const dev = new Backend(raw);
+  assert.equal(dev.readNow(Buffer.alloc(4096), 8192 - 100), false, 'past the end');
+  assert.equal(dev.readNow(Buffer.alloc(0), 0), false, 'empty');
+  await assert.rejects(dev.pread(Buffer.alloc(4096), 8192 - 100), { errno: 'EINVAL' });
+  const window = new Backend(offsetFilter(raw, { offsetBytes: 4096, sizeBytes: 2048 }));
+  const buf = Buffer.alloc(2048);
+  assert.equal(window.readNow(buf, 0), true);
+  const expect = Buffer.alloc(2048);
+  await raw.pread(expect, 4096);
+  assert.deepEqual(buf, expect);
+  assert.equal(window.readNow(Buffer.alloc(1), 2048), false, 'outside the window');
+});
