@@ -84,20 +84,22 @@ export class Supervisor {
   /** Everything up to a usable device. On failure, whatever was set up is torn down first. */
   async start(): Promise<AttachInfo> {
     this.harden();
+    let info: AttachInfo;
     try {
-      const info = await this.setUp();
-      this.started = true;
-      this.info = info;
-      if (this.stopReason !== undefined) {
-        void this.stop(this.stopReason);
-        throw new ImgbdError('ERR_SUPERVISOR_STOPPED', `stopped during startup (${this.stopReason})`);
-      }
-      return info;
+      info = await this.setUp();
     } catch (e) {
       await this.tearDown().catch((t: unknown) => this.log.error(`cleanup after a failed start: ${(t as Error).message}`));
       this.resolveStopped(`start failed: ${(e as Error).message}`);
       throw e;
     }
+    this.started = true;
+    this.info = info;
+    if (this.stopReason !== undefined) {
+      // A signal arrived while starting: the full shutdown, then report that nothing is attached.
+      await this.stop(this.stopReason);
+      throw new ImgbdError('ERR_SUPERVISOR_STOPPED', `stopped during startup (${this.stopReason})`);
+    }
+    return info;
   }
 
   private async setUp(): Promise<AttachInfo> {
