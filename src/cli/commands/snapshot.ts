@@ -19,8 +19,8 @@ function listText(dev: Qcow2Device): string {
   for (const s of dev.snapshots) {
     const date = new Date(s.dateSec * 1000).toISOString().replace('T', ' ').slice(0, 19);
     const clock = Number(s.vmClockNsec / 1_000_000n);
-    const hms = `${String(Math.floor(clock / 3_600_000)).padStart(4, '0')}:${String(Math.floor(clock / 60_000) % 60).padStart(2, '0')}:${String(Math.floor(clock / 1000) % 60).padStart(2, '0')}.${String(clock % 1000).padStart(3, '0')}`;
-    lines.push(`${s.id.padEnd(10)}${s.name.padEnd(18)}${`${s.vmStateSize} B`.padStart(7)} ${date} ${hms}${String(s.icount ?? 0n).padStart(11)}`);
+    const hms = `${String(Math.floor(clock / 3_600_000)).padStart(2, '0')}:${String(Math.floor(clock / 60_000) % 60).padStart(2, '0')}:${String(Math.floor(clock / 1000) % 60).padStart(2, '0')}.${String(clock % 1000).padStart(3, '0')}`;
+    lines.push(`${s.id.padEnd(10)}${s.name.padEnd(18)}${`${s.vmStateSize} B`.padStart(7)} ${date} ${hms}${(s.icount !== null && s.icount >= 0n ? String(s.icount) : '').padStart(11)}`);
   }
   return `${lines.join('\n')}\n`;
 }
