@@ -206,24 +206,53 @@ test('vdi driver: extents and depth report unallocated and discarded blocks as z
   assert.equal(all[2 * MiB + 5], 0, 'a discarded block reads as zeros');
 });
 
-test('vdi: with blocks_allocated at the block count, a new block is refused with ENOSPC and nothing changes', async (t) => {
+test('vdi: with every block index handed out, a new block is refused with ENOSPC and nothing changes', async (t) => {
   const dir = tempDir(t);
   const p = join(dir, 'full.vdi');
   await createVdi(p, { sizeBytes: 2 * MiB });
   const dev = await openVdiPath(p);
   await dev.pwrite(Buffer.alloc(10, 1), 0);
+  await dev.pwrite(Buffer.alloc(10, 4), MiB);
   await dev.close();
   const img = readFileSync(p);
-  img.writeUInt32LE(2, 0x184); // a leaked block: counted, never mapped
+  img.writeUInt32LE(0xffffffff, 512); // block 0's index 0 is leaked: counted, no longer mapped
   writeFileSync(p, img);
   const rw = await openVdiPath(p);
   t.after(() => rw.close());
-  await rw.pwrite(Buffer.alloc(10, 2), 5);
-  await assert.rejects(rw.pwrite(Buffer.alloc(10, 3), MiB), (e: unknown) => e instanceof RequestError && e.errno === 'ENOSPC');
+  assert.equal(rw.repairedLeakedBlocks, 0, 'a leak below a mapped block is not repairable');
+  await rw.pwrite(Buffer.alloc(10, 2), MiB + 5);
+  await assert.rejects(rw.pwrite(Buffer.alloc(10, 3), 0), (e: unknown) => e instanceof RequestError && e.errno === 'ENOSPC');
   const buf = Buffer.alloc(2 * MiB);
   await rw.pread(buf, 0);
-  assert.deepEqual([...buf.subarray(0, 16)], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0]);
-  assert.ok(buf.subarray(MiB).every((b) => b === 0));
+  assert.ok(buf.subarray(0, MiB).every((b) => b === 0));
+  assert.deepEqual([...buf.subarray(MiB, MiB + 16)], [4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0]);
+});
+
+test('vdi: blocks counted but unmapped at the tail (a crash between header and map) are given back on a writable open', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'crash.vdi');
+  await createVdi(p, { sizeBytes: 4 * MiB });
+  const dev = await openVdiPath(p);
+  await dev.pwrite(Buffer.alloc(10, 1), 2 * MiB);
+  await dev.close();
+  const img = readFileSync(p);
+  img.writeUInt32LE(3, 0x184);
+  writeFileSync(p, Buffer.concat([img, Buffer.alloc(2 * MiB, 9)]));
+  const ro = await openVdiPath(p, { readOnly: true });
+  assert.equal(ro.repairedLeakedBlocks, 0);
+  assert.equal(ro.header.blocksAllocated, 3);
+  await ro.close();
+  const rw = await openVdiPath(p);
+  t.after(() => rw.close());
+  assert.equal(rw.repairedLeakedBlocks, 2);
+  assert.equal(readFileSync(p).readUInt32LE(0x184), 1);
+  assert.equal(statSync(p).size, 1024 + MiB);
+  await rw.pwrite(Buffer.alloc(10, 5), 0);
+  assert.equal(readFileSync(p).readUInt32LE(512), 1, 'the next block takes the first free index');
+  const buf = Buffer.alloc(4 * MiB);
+  await rw.pread(buf, 0);
+  assert.equal(buf[0], 5);
+  assert.equal(buf[2 * MiB], 1);
 });
 
 test('vdi is in the default registry: probed by the signature at 0x40 and opened', async (t) => {

@@ -4,7 +4,8 @@
 // Allocation (section 4, with an order chosen for crash safety): the new block is written whole
 // (the caller's bytes, zeros elsewhere) at index blocks_allocated and synced; then the header's
 // blocks_allocated is raised and synced; then the map entry is written. A crash leaves at worst a
-// block counted but unmapped — never a mapped block the next allocation would reuse.
+// block counted but unmapped — never a mapped block the next allocation would reuse. A writable
+// open gives such tail blocks back (count lowered, file truncated), so qemu-img check is clean.
 //
 // Trim and zero never change the map (a discarded entry would leave blocks_allocated counting a
 // block nothing references, which qemu-img check calls corruption): allocated ranges are zeroed
@@ -32,6 +33,8 @@ export class VdiDevice implements BlockDevice {
   readonly sizeBytes: number;
   readonly readOnly: boolean;
   readonly header: VdiHeader;
+  /** Blocks counted in blocks_allocated but never mapped that this (writable) open gave back. */
+  readonly repairedLeakedBlocks: number;
   private readonly file: HostFile;
   /** The header as read, rewritten whole (QEMU does) with only blocks_allocated changed. */
   private readonly rawHeader: Buffer;
@@ -43,8 +46,9 @@ export class VdiDevice implements BlockDevice {
   private punchUnsupported = false;
   private zeroRangeUnsupported = false;
 
-  private constructor(file: HostFile, rawHeader: Buffer, header: VdiHeader, map: Buffer, readOnly: boolean) {
+  private constructor(file: HostFile, rawHeader: Buffer, header: VdiHeader, map: Buffer, readOnly: boolean, repairedLeakedBlocks: number) {
     this.file = file;
+    this.repairedLeakedBlocks = repairedLeakedBlocks;
     this.rawHeader = rawHeader;
     this.header = header;
     this.map = map;
@@ -64,8 +68,22 @@ export class VdiDevice implements BlockDevice {
     // The header check bounded the map by the file size, so this allocation is bounded too.
     const map = Buffer.allocUnsafe(h.blocksInImage * 4);
     await file.pread(map, h.offsetBmap);
-    validateMap(h, map, fileSize);
-    return new VdiDevice(file, raw, h, map, readOnly);
+    const { mapped, highest } = validateMap(h, map, fileSize);
+    let header = h;
+    let repaired = 0;
+    if (!readOnly && highest < h.blocksAllocated && mapped === highest) {
+      // Blocks counted but never mapped, all past the last mapped one: what a crash between the
+      // header update and the map update leaves (see the allocation order above). qemu-img check
+      // calls the count mismatch corruption; hand the indices back and drop the orphaned data.
+      repaired = h.blocksAllocated - highest;
+      header = { ...h, blocksAllocated: highest };
+      raw.writeUInt32LE(highest, VDI_BLOCKS_ALLOCATED_OFFSET);
+      await file.pwrite(raw, 0);
+      await file.datasync();
+      const end = h.offsetData + highest * h.blockSize;
+      if (h.imageType === VDI_TYPE.DYNAMIC && fileSize > end) await file.truncate(end);
+    }
+    return new VdiDevice(file, raw, header, map, readOnly, repaired);
   }
 
   get isStatic(): boolean {
@@ -265,10 +283,13 @@ export class VdiDevice implements BlockDevice {
 
 /**
  * Every mapped block must lie inside the file and below blocks_allocated (the next allocation
- * goes there), and no two entries may share a block.
+ * goes there), and no two entries may share a block. Returns how many entries are mapped and
+ * one past the highest block index they use.
  */
-function validateMap(h: VdiHeader, map: Buffer, fileSize: number): void {
+function validateMap(h: VdiHeader, map: Buffer, fileSize: number): { mapped: number; highest: number } {
   const seen = new Uint8Array(Math.ceil(h.blocksAllocated / 8));
+  let mapped = 0;
+  let highest = 0;
   for (let i = 0; i < h.blocksInImage; i++) {
     const e = map.readUInt32LE(i * 4);
     if (e >= VDI_DISCARDED) continue;
@@ -278,5 +299,8 @@ function validateMap(h: VdiHeader, map: Buffer, fileSize: number): void {
     const bit = 1 << (e & 7);
     if (seen[e >>> 3]! & bit) throw new CorruptImageError(`vdi: block ${e} is mapped by more than one block map entry (entry ${i})`);
     seen[e >>> 3]! |= bit;
+    mapped++;
+    highest = Math.max(highest, e + 1);
   }
+  return { mapped, highest };
 }
