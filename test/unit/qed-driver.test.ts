@@ -355,3 +355,24 @@ test('qed ignoreBacking: a missing backing file does not stop a resize', async (
   assert.equal(Number(readFileSync(p).readBigUInt64LE(48)), 2 * MiB);
   assert.equal(readFileSync(p).subarray(64, 72).toString('latin1'), 'gone.raw');
 });
+
+test('qed: zeroing a range that straddles two clusters without covering either zeroes both parts', async (t) => {
+  const dir = tempDir(t);
+  writeFileSync(join(dir, 'base.raw'), Buffer.alloc(MiB, 0xbb));
+  const p = join(dir, 'straddle.qed');
+  await createQed(p, { sizeBytes: MiB, backingFile: 'base.raw', backingFormat: 'raw' });
+  const dev = await openQedPath(p);
+  t.after(() => dev.close());
+  await dev.zero!(0, 65536); // cluster 0: a zero cluster
+  await dev.pwrite(Buffer.alloc(65536, 7), 65536); // cluster 1: data
+  await dev.zero!(65536 - 100, 300);
+  const buf = Buffer.alloc(3 * 65536);
+  await dev.pread(buf, 0);
+  assert.ok(buf.subarray(0, 65536 + 200).every((b) => b === 0));
+  assert.ok(buf.subarray(65536 + 200, 2 * 65536).every((b) => b === 7));
+  // And over an unallocated cluster that shows the backing file.
+  await dev.zero!(2 * 65536 - 10, 20);
+  await dev.pread(buf, 0);
+  assert.ok(buf.subarray(2 * 65536 - 10, 2 * 65536 + 10).every((b) => b === 0));
+  assert.ok(buf.subarray(2 * 65536 + 10).every((b) => b === 0xbb));
+});

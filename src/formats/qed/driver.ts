@@ -443,11 +443,17 @@ export class QedDevice implements BlockDevice {
     if (opts.fua) await this.syncAndClean();
   }
 
-  /** Zero part of one cluster [from, to): nothing to do where it already reads as zeros. */
+  /** Zero parts of clusters in [from, to) by writing: nothing to do where they already read as zeros. */
   private async zeroPartial(from: number, to: number): Promise<void> {
-    const s = await this.lookup(Math.floor(from / this.geometry.clusterSize));
-    if (s.kind === 'zero' || (s.kind === 'unallocated' && !(await this.backingMayHaveData(from, to)))) return;
-    await writeZeros((b, o) => this.writeLocked(b, o), from, to - from);
+    const cs = this.geometry.clusterSize;
+    for (let pos = from; pos < to; ) {
+      const next = Math.min(to, (Math.floor(pos / cs) + 1) * cs);
+      const s = await this.lookup(Math.floor(pos / cs));
+      if (s.kind === 'data' || (s.kind === 'unallocated' && (await this.backingMayHaveData(pos, next)))) {
+        await writeZeros((b, o) => this.writeLocked(b, o), pos, next - pos);
+      }
+      pos = next;
+    }
   }
 
   private async backingMayHaveData(from: number, to: number): Promise<boolean> {
