@@ -234,6 +234,109 @@ export function buildProgram(): Command {
     .option('--json', 'with -l: print JSON')
     .action(lazy(() => import('./commands/snapshot.js')));
 
+  program
+    .command('convert')
+    .summary('convert an image to another format (raw, qcow2, qed, vdi, NBD), sparse, optionally compressed')
+    .description(
+      'Copy SRC into a new image DST, as qemu-img convert does. Holes, zero ranges and all-zero data are\n' +
+        'not written. -c compresses every data cluster of a qcow2 target (zlib, or zstd with\n' +
+        '-o compression_type=zstd) on one thread per core. -B makes DST an overlay of BACKING holding only\n' +
+        'what differs from it. Either side may be an NBD URI (an NBD target must exist; so must DST with -n).\n\n' +
+        'Examples:\n' +
+        '  imgbd convert -O qcow2 disk.img disk.qcow2\n' +
+        '  imgbd convert -c -O qcow2 -o compression_type=zstd disk.img small.qcow2\n' +
+        '  imgbd convert -O qcow2 -B base.qcow2 -F qcow2 vm.img vm-delta.qcow2\n' +
+        '  imgbd convert disk.qcow2 nbd+unix:///?socket=/tmp/nbd.sock',
+    )
+    .argument('<src>', 'source image or NBD URI')
+    .argument('<dst>', 'target image (created, overwritten) or NBD URI')
+    .option('-f, --format <fmt>', 'source format; probed when omitted')
+    .option('-O, --output-format <fmt>', 'target format: raw, qcow2, qed, vdi', 'raw')
+    .option('-c, --compress', 'compress data clusters (qcow2 target)')
+    .option('-o, --options <opts>', 'target format options, key=value[,key=value...] (repeatable)', collect)
+    .option('-B, --backing <file>', 'backing file of the target; only what differs from it is written')
+    .option('-F, --backing-format <fmt>', 'format of the backing file (required with -B)')
+    .option('-m, --coroutines <n>', 'requests in flight', '8')
+    .option('-W, --out-of-order', 'allow out-of-order writes (always done: accepted for qemu-img compatibility)')
+    .option('-n, --skip-create', 'write into the existing target instead of creating it')
+    .option('--threads <n>', 'compression threads (default: one per core)')
+    .option('-p, --progress', 'show a progress bar even when not on a terminal')
+    .option('-q, --quiet', 'no progress bar')
+    .option('--json', 'print what was read and written as JSON')
+    .action(lazy(() => import('./commands/convert.js')));
+
+  program
+    .command('compare')
+    .summary('compare the guest-visible contents of two images')
+    .description(
+      'Compare A and B as qemu-img compare does. Exit status: 0 identical, 1 different (the first differing\n' +
+        'offset is printed), 2 an error. Images of different sizes compare equal when the extra part of the\n' +
+        'larger one reads as zeros, unless -s (strict) is given.',
+    )
+    .argument('<a>', 'first image or NBD URI')
+    .argument('<b>', 'second image or NBD URI')
+    .option('-f, --format <fmt>', 'format of A; probed when omitted')
+    .option('-F, --format-b <fmt>', 'format of B; probed when omitted')
+    .option('-s, --strict', 'sizes and allocation must match too')
+    .option('-p, --progress', 'show a progress bar')
+    .option('-q, --quiet', 'print nothing; the exit status tells')
+    .option('--json', 'print {"identical": bool, "offset": N} as JSON')
+    .action(lazy(() => import('./commands/compare.js')));
+
+  program
+    .command('commit')
+    .summary("write an overlay's changes into its backing file")
+    .description(
+      "Copy the data OVERLAY holds itself into its backing file (or, with -b, into BASE further down the\n" +
+        'chain, with everything in between), then empty OVERLAY as qemu-img commit does, unless -d.',
+    )
+    .argument('<overlay>', 'qcow2 or qed overlay')
+    .option('-f, --format <fmt>', "OVERLAY's format; probed when omitted")
+    .option('-b, --base <file>', 'commit into this image of the backing chain (default: the backing file)')
+    .option('-d, --keep', 'do not empty OVERLAY afterwards')
+    .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable)', collect)
+    .option('-p, --progress', 'show a progress bar')
+    .option('-q, --quiet', 'print nothing on success')
+    .action(lazy(() => import('./commands/commit.js')));
+
+  program
+    .command('rebase')
+    .summary('change the backing file of an overlay')
+    .description(
+      'Make NEW the backing file of OVERLAY. Safe mode (the default) first copies into OVERLAY every range\n' +
+        'where the old backing chain and NEW differ, so the guest sees the same data. -u only rewrites the\n' +
+        'header (NEW must hold the same data). -b "" removes the backing file (safe mode copies it all in).',
+    )
+    .argument('<overlay>', 'qcow2 or qed overlay')
+    .requiredOption('-b, --backing <file>', 'the new backing file ("" for none)')
+    .option('-F, --backing-format <fmt>', 'format of the new backing file (recorded; probed when omitted)')
+    .option('-f, --format <fmt>', "OVERLAY's format; probed when omitted")
+    .option('-u, --unsafe', 'only rewrite the header')
+    .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable)', collect)
+    .option('-p, --progress', 'show a progress bar')
+    .option('-q, --quiet', 'print nothing on success')
+    .action(lazy(() => import('./commands/rebase.js')));
+
+  program
+    .command('measure')
+    .summary('how large a new image would be (qemu-img measure)')
+    .argument('[src]', 'the image to measure a conversion of')
+    .option('--size <size>', 'measure a new empty image of this size instead')
+    .option('-f, --format <fmt>', 'source format; probed when omitted')
+    .option('-O, --output-format <fmt>', 'target format: raw or qcow2', 'raw')
+    .option('-o, --options <opts>', 'target format options (repeatable)', collect)
+    .option('--json', 'print JSON (required, fully-allocated)')
+    .option('--output <fmt>', 'human or json (qemu-img spelling)')
+    .action(lazy(() => import('./commands/measure.js')));
+
+  program
+    .command('destroy')
+    .summary('delete an image, refusing while it is attached or is the backing file of another image')
+    .argument('<image>', 'the image file')
+    .option('--force', 'delete even when attached or used as a backing file')
+    .option('-q, --quiet', 'print nothing on success')
+    .action(lazy(() => import('./commands/destroy.js')));
+
   return program;
 }
 

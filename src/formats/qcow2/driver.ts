@@ -656,7 +656,7 @@ export class Qcow2Device implements BlockDevice {
    * byte-granular after the previous compressed cluster like QEMU. Falls back to a plain write
    * when the data does not compress.
    */
-  async writeCompressed(buf: Buffer, offset: number): Promise<void> {
+  async writeCompressed(buf: Buffer, offset: number, precompressed?: Buffer | null): Promise<void> {
     this.assertWritable();
     const g = this.geometry;
     const cs = g.clusterSize;
@@ -666,7 +666,8 @@ export class Qcow2Device implements BlockDevice {
     this.checkRange(offset, buf.length);
     if (g.externalData) throw new UnsupportedImageError('qcow2: compressed clusters are not allowed with an external data file');
     const full = buf.length === cs ? buf : Buffer.concat([buf, Buffer.alloc(cs - buf.length)]);
-    const packed = await compressCluster(this.header.compressionType, full);
+    // A caller compressing on other threads passes the result (null: did not shrink).
+    const packed = precompressed !== undefined ? precompressed : await compressCluster(this.header.compressionType, full);
     // QEMU writes a cluster plainly when compression does not fit in less than a cluster.
     if (packed === null || packed.length > cs - 512) return this.pwrite(buf, offset);
     const cluster = offset / cs;

@@ -1,0 +1,108 @@
+// convert: copy an image into a new image of another format (qemu-img convert, qemu-img.rst
+// "convert"). Sparse: holes, zero extents and all-zero data are not written to a fresh target.
+// -c compresses every qcow2 data cluster on a thread pool; -B makes the target an overlay of a
+// backing file and writes only what differs from it; -n writes into an existing target (and
+// any NBD export) instead of creating one.
+
+// The registry first: the format modules import it back, and it must see them initialised.
+import '../formats/registry.js';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { Backend } from '../block/backend.js';
+import type { BlockDevice } from '../block/device.js';
+import { UnsupportedImageError, UsageError } from '../errors.js';
+import { Qcow2Device } from '../formats/qcow2/index.js';
+import { CompressPool } from './compress-pool.js';
+import { createImage, type ImageCreateOptions } from './create-target.js';
+import { isNbdUri, openTarget } from './open.js';
+import { deviceTarget, transfer, type TransferStats, type TransferTarget } from './transfer.js';
+
+export interface ConvertOptions {
+  readonly source: string;
+  /** Probed when omitted. */
+  readonly sourceFormat?: string;
+  readonly target: string;
+  /** Default raw; ignored for an NBD target. */
+  readonly targetFormat?: string;
+  readonly create?: ImageCreateOptions;
+  /** Compress data clusters (qcow2 targets only). */
+  readonly compress?: boolean;
+  /** Requests in flight (qemu-img -m); default 8. */
+  readonly workers?: number;
+  readonly requestBytes?: number;
+  /** Compression threads; default one per core. */
+  readonly threads?: number;
+  /** Write into an existing target instead of creating it (qemu-img -n). */
+  readonly skipCreate?: boolean;
+  /** Passed to the source's driver: where its backing files may live. */
+  readonly allowBacking?: readonly string[] | boolean;
+  readonly onProgress?: (doneBytes: number, totalBytes: number) => void;
+}
+
+export interface ConvertResult extends TransferStats {
+  readonly sizeBytes: number;
+  readonly targetFormat: string;
+}
+
+const DEFAULT_REQUEST_BYTES = 2 * 1024 * 1024;
+
+/** Grain for zero detection and request alignment: the target's allocation unit, within [4K, 2M]. */
+function grainFor(dev: BlockDevice): number {
+  const p = dev.blockSizes().preferred;
+  return Math.min(2 * 1024 * 1024, Math.max(4096, p));
+}
+
+export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
+  const targetIsNbd = isNbdUri(o.target);
+  const targetFormat = targetIsNbd ? 'raw' : (o.targetFormat ?? 'raw');
+  if (o.compress && targetFormat !== 'qcow2') throw new UsageError(`-c needs a qcow2 target, not ${targetFormat}`);
+  const backing = o.create?.backingFile;
+  if (backing !== undefined && o.skipCreate) throw new UsageError('-B creates the target: it cannot be combined with -n');
+  const src = await openTarget(o.source, { format: o.sourceFormat, readOnly: true, allowBacking: o.allowBacking });
+  let dst: BlockDevice | undefined;
+  let pool: CompressPool | undefined;
+  try {
+    const sizeBytes = src.device.sizeBytes;
+    const fresh = !targetIsNbd && o.skipCreate !== true;
+    if (fresh) await createImage(o.target, targetFormat, sizeBytes, o.create);
+    // The target reads its backing file for -B (only what differs is written), so allow its directory.
+    const backingPath = backing === undefined ? undefined : isAbsolute(backing) ? backing : resolve(dirname(resolve(o.target)), backing);
+    const opened = await openTarget(o.target, {
+      format: targetIsNbd ? undefined : targetFormat,
+      readOnly: false,
+      ...(backingPath !== undefined ? { allowBacking: [dirname(backingPath)] } : {}),
+    });
+    dst = opened.device;
+    if (dst.sizeBytes < sizeBytes) throw new UsageError(`the target is smaller (${dst.sizeBytes} bytes) than the source (${sizeBytes} bytes)`);
+    if (!dst.capabilities().writable) throw new UnsupportedImageError(`${o.target} is read-only`);
+    const backend = new Backend(dst);
+    let target: TransferTarget = deviceTarget(backend);
+    let grainBytes = grainFor(dst);
+    let compress: { pool: CompressPool; type: 0 | 1 } | undefined;
+    if (o.compress) {
+      const q = dst;
+      if (!(q instanceof Qcow2Device)) throw new UsageError('-c needs a qcow2 target');
+      grainBytes = q.geometry.clusterSize;
+      pool = new CompressPool(o.threads);
+      compress = { pool, type: q.header.compressionType };
+      target = { ...target, writeCompressed: (buf, offset, packed) => q.writeCompressed(buf, offset, packed) };
+    }
+    const requestBytes = Math.max(grainBytes, o.requestBytes ?? DEFAULT_REQUEST_BYTES);
+    const stats = await transfer({
+      sources: [src.device],
+      targets: [target],
+      requestBytes,
+      workers: o.workers ?? 8,
+      grainBytes,
+      targetZeroed: fresh && backing === undefined,
+      onlyDifferences: backing !== undefined,
+      compress,
+      onProgress: (done) => o.onProgress?.(done, sizeBytes),
+    });
+    await backend.flush();
+    return { ...stats, sizeBytes, targetFormat };
+  } finally {
+    await pool?.close();
+    await dst?.close();
+    await src.device.close();
+  }
+}
