@@ -27,22 +27,16 @@ export function targetSize(text: string, current: number): number {
   return size;
 }
 
-/** The first byte in [from, to) that holds data in the image itself, or null. */
+/**
+ * The first non-zero byte in [from, to) of the image itself, or null. Holes and zero clusters
+ * are skipped unread; allocated ranges are read, so a cluster of zeros counts as unused (it
+ * stays referenced, so nothing leaks, and reads zeros if the image grows again).
+ */
 async function firstUsedByte(dev: BlockDevice, from: number, to: number): Promise<number | null> {
   let off = from;
   const buf = Buffer.alloc(1024 * 1024);
   while (off < to) {
     const len = Math.min(to - off, 1024 * 1024 * 1024);
-    const depth = dev.allocationDepth ? await dev.allocationDepth(off, len) : null;
-    if (depth) {
-      let p = off;
-      for (const e of depth) {
-        if (e.depth === 1) return p;
-        p += e.length;
-      }
-      off = p;
-      continue;
-    }
     const extents = dev.extents ? await dev.extents(off, len) : [{ length: len, flags: 0 }];
     let p = off;
     for (const e of extents) {
