@@ -4,7 +4,6 @@
 import type { BlockDevice } from '../../block/device.js';
 import { BACKING_MAX_DEPTH, BackingPolicyError, backingFormatFor, resolveBacking, topBackingPolicy, type BackingPolicy } from '../backing-policy.js';
 import { HostFile } from '../../io/host-file.js';
-import { openImageWithFormat } from '../open.js';
 import type { FormatDriver, FormatRegistry, OpenImageOptions } from '../registry.js';
 import { QCOW2_MAGIC } from './header.js';
 import { Qcow2Device } from './driver.js';
@@ -47,6 +46,8 @@ export async function openQcow2Path(path: string, opts: Qcow2PathOptions = {}): 
         // Never writable, whatever the caller asked for the top image; the recorded format wins
         // and a missing one is probed by magic (a recorded 'raw' is never probed).
         const nested: Qcow2PathOptions = { readOnly: true, backingPolicy: r.next, allowBacking: opts.allowBacking, registry: opts.registry };
+        // Imported when needed: open.js imports the registry, which imports this module.
+        const { openImageWithFormat } = await import('../open.js');
         const opened = await openImageWithFormat(r.path, { ...nested, format: backingFormatFor(ref.format) });
         return opened.device;
       },
