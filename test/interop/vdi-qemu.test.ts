@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { test, type TestContext } from 'node:test';
 import { EXTENT_ZERO, type BlockDevice } from '../../src/block/device.js';
 import { openImageWithFormat } from '../../src/formats/open.js';
@@ -18,10 +18,10 @@ import { createVdi } from '../../src/formats/vdi/create.js';
 import { openVdiPath } from '../../src/formats/vdi/format.js';
 import { parseVdiHeader } from '../../src/formats/vdi/header.js';
 import { prng, qemuCheck, qemuContent, qemuMap, readAll } from '../fixtures/qcow2/helpers.js';
-import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
+import { requirePeers, run, runOk, tempDir, repoRoot } from '../helpers/peers.js';
 
 const MiB = 1024 * 1024;
-const REPO = fileURLToPath(new URL('../../', import.meta.url));
+const REPO = repoRoot();
 
 function randomBuffer(rand: () => number, n: number): Buffer {
   const b = Buffer.allocUnsafe(n);
@@ -219,6 +219,7 @@ async function runWriterAndKill(img: string, seed: number, killAfterMs: number):
     'await new Promise(() => undefined);',
   ].join('\n');
   const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+  const closed = new Promise((r) => child.once('close', r));
   let out = '';
   let err = '';
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
@@ -229,7 +230,7 @@ async function runWriterAndKill(img: string, seed: number, killAfterMs: number):
   });
   await new Promise((r) => setTimeout(r, killAfterMs));
   child.kill('SIGKILL');
-  await new Promise((r) => child.once('close', r));
+  await closed;
   assert.equal(child.signalCode, 'SIGKILL', `writer ended on its own: ${err}`);
   const flushed = out.split('\n').filter((l) => l !== '').map(Number);
   return flushed.length === 0 ? -1 : Math.max(...flushed);
