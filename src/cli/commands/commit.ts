@@ -1,0 +1,31 @@
+// imgbd commit: qemu-img commit's spelling (-f, -b, -d, -p, -q). The work is in src/image/commit.ts.
+
+import { SingleBar } from 'cli-progress';
+import { commitImage } from '../../image/commit.js';
+
+interface CommitCliOptions {
+  format?: string;
+  base?: string;
+  keep?: boolean;
+  allowBacking?: string[];
+  progress?: boolean;
+  quiet?: boolean;
+}
+
+export async function run(args: string[], opts: Record<string, unknown>): Promise<number> {
+  const c = opts as CommitCliOptions;
+  const bar = c.progress && !c.quiet ? new SingleBar({ format: 'committing [{bar}] {percentage}%', stream: process.stderr }) : undefined;
+  bar?.start(100, 0);
+  const r = await commitImage({
+    overlay: args[0]!,
+    format: c.format,
+    base: c.base,
+    keep: c.keep,
+    ...(c.allowBacking ? { allowBacking: c.allowBacking } : {}),
+    onProgress: (d, t) => bar?.update(t === 0 ? 100 : Math.floor((d * 100) / t)),
+  });
+  bar?.update(100);
+  bar?.stop();
+  if (!c.quiet) process.stdout.write('Image committed.\n');
+  return 0;
+}
