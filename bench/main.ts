@@ -5,8 +5,8 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ensureRandomFile, runClient, startServer, type ServerKind, type ServerHandle } from './lib.js';
-import { ROWS, type Row } from './rows.js';
+import { ensureRandomFile, makeQcow2, runClient, startServer, type ServerKind, type ServerHandle } from './lib.js';
+import { ROWS, serversFor, type Row } from './rows.js';
 
 interface Result {
   readonly row: Row;
@@ -37,19 +37,42 @@ async function main(): Promise<void> {
     await ensureRandomFile(source, sizeBytes);
     const rows = ROWS.filter((r) => only.length === 0 || only.some((o) => r.id.includes(o)));
     const results: Result[] = rows.map((row) => ({ row, values: new Map() }));
-    for (const kind of SERVERS) {
-      let server: ServerHandle | undefined;
-      try {
-        server = await startServer(kind, image, dir);
-        for (const res of results) {
-          const value = await runClient(res.row, server.uri, { source, sizeBytes, seconds });
-          res.values.set(kind, value);
-          process.stderr.write(`${kind.padEnd(18)} ${res.row.label.padEnd(28)} ${fmt(res.row, value)}\n`);
+    const qcow2Image = join(dir, 'disk.qcow2');
+    if (rows.some((r) => r.format === 'qcow2' && !r.fresh)) await makeQcow2(qcow2Image, image, sizeBytes);
+    const report = (kind: ServerKind, res: Result, value: number): void => {
+      res.values.set(kind, value);
+      process.stderr.write(`${kind.padEnd(18)} ${res.row.label.padEnd(28)} ${fmt(res.row, value)}\n`);
+    };
+    // Rows that share an image share one server per kind; fresh-image rows get their own.
+    for (const [format, path] of [['raw', image], ['qcow2', qcow2Image]] as const) {
+      const shared = results.filter((r) => (r.row.format ?? 'raw') === format && !r.row.fresh);
+      if (shared.length === 0) continue;
+      for (const kind of serversFor(shared[0]!.row, SERVERS)) {
+        let server: ServerHandle | undefined;
+        try {
+          server = await startServer(kind, path, dir, format);
+          for (const res of shared) report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds }));
+        } catch (err) {
+          process.stderr.write(`${kind}: ${(err as Error).message}\n`);
+        } finally {
+          await server?.stop();
         }
-      } catch (err) {
-        process.stderr.write(`${kind}: ${(err as Error).message}\n`);
-      } finally {
-        await server?.stop();
+      }
+    }
+    for (const res of results.filter((r) => r.row.fresh)) {
+      for (const kind of serversFor(res.row, SERVERS)) {
+        const fresh = join(dir, `fresh-${kind}.qcow2`);
+        let server: ServerHandle | undefined;
+        try {
+          await makeQcow2(fresh, null, sizeBytes);
+          server = await startServer(kind, fresh, dir, 'qcow2');
+          report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds }));
+        } catch (err) {
+          process.stderr.write(`${kind}: ${(err as Error).message}\n`);
+        } finally {
+          await server?.stop();
+          rmSync(fresh, { force: true });
+        }
       }
     }
     const header = ['row', ...SERVERS, 'imgbd/best qemu-nbd', 'imgbd/nbdkit'];
