@@ -49,10 +49,12 @@ describe('backing-file policy of imgbd serve', () => {
       assert.match(err, /outside the allowed directories/, overlay);
       assert.match(err, /--allow-backing/, overlay);
       assert.ok(err.includes(outside), `${overlay}: the message names where the backing file really is`);
-      // info applies the same policy.
-      const info = await run(process.execPath, imgbdArgv(['info', overlay]));
-      assert.notEqual(info.code, 0);
-      assert.match(info.stderr, /--allow-backing/);
+      // info names the backing file without opening it; walking the chain applies the policy.
+      assert.match((await run(process.execPath, imgbdArgv(['info', overlay]))).stdout, /backing file: /);
+      const chain = await run(process.execPath, imgbdArgv(['info', '--backing-chain', overlay]));
+      assert.notEqual(chain.code, 0);
+      assert.match(chain.stderr, /--allow-backing/);
+      assert.equal((await run(process.execPath, imgbdArgv(['info', '--backing-chain', '--allow-backing', outside, overlay]))).code, 0);
     }
     const before = digest(base);
     const served = await serveImgbd(t, join(dir, 'ok.sock'), ['-f', 'qcow2', '--allow-backing', outside, '-t', '-e', '0', viaLink]);

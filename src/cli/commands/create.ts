@@ -18,6 +18,7 @@ interface CreateOptions {
   options?: string[];
   quiet?: boolean;
   allowBacking?: string[];
+  unsafe?: boolean;
 }
 
 /** Split "a=1,b=2" (a doubled comma is a literal comma, as in qemu's option parser). */
@@ -126,12 +127,13 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   } else if (format === 'qcow2') {
     const q = qcow2CreateOptions(o);
     const bfmt = backingFormat;
-    if (backing !== undefined && bfmt === undefined) {
+    if (backing !== undefined && bfmt === undefined && !c.unsafe) {
       const path = isAbsolute(backing) ? backing : resolve(dirname(resolve(file)), backing);
       const looks = existsSync(path) ? probeFormat(await readProbeHead(path)) : undefined;
       throw new UsageError(`-b needs the backing format too, so it is recorded rather than guessed later: add -F ${looks ?? 'FORMAT'}`);
     }
     if (sizeOpt !== undefined) sizeBytes = parseSize(sizeOpt);
+    else if (backing !== undefined && c.unsafe) throw new UsageError('-u does not open the backing file, so SIZE must be given');
     else if (backing !== undefined) sizeBytes = await backingSize(file, backing, bfmt!, c.allowBacking ?? []);
     else throw new UsageError('qcow2 needs a SIZE unless -b gives a backing file to take it from, e.g. imgbd create -f qcow2 disk.qcow2 10G');
     await createQcow2(file, { ...q, sizeBytes, backingFile: backing, backingFormat: bfmt });

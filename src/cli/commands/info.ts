@@ -39,8 +39,10 @@ function actualSize(path: string): number {
 /** qemu-img's key order: what the driver adds before and after the common keys. */
 const LEADING = ['backing-filename-format', 'snapshots'];
 
-async function imageInfo(path: string, format: string | undefined, allowBacking: readonly string[]): Promise<Record<string, unknown>> {
-  const opened = await openImageWithFormat(path, { format, readOnly: true, ...(allowBacking.length > 0 ? { allowBacking } : {}) });
+async function imageInfo(path: string, format: string | undefined): Promise<Record<string, unknown>> {
+  // Nothing shown depends on the backing file's contents: it is named, not opened (as qemu-img
+  // info does), so an overlay can be inspected before its backing file is trusted.
+  const opened = await openImageWithFormat(path, { format, readOnly: true, ignoreBacking: true });
   try {
     const extra = describable(opened.device) ? opened.device.imageInfo() : {};
     const out: Record<string, unknown> = {};
@@ -58,7 +60,10 @@ async function imageInfo(path: string, format: string | undefined, allowBacking:
   }
 }
 
-/** Every image of the chain, top first, each opened on its own under the same backing policy. */
+/**
+ * Every image of the chain, top first, each opened on its own; each backing name goes through
+ * the backing policy before its file is opened.
+ */
 async function chainInfo(path: string, o: InfoOptions): Promise<Record<string, unknown>[]> {
   const allow = o.allowBacking ?? [];
   const top = await topBackingPolicy(path, allow);
@@ -67,7 +72,7 @@ async function chainInfo(path: string, o: InfoOptions): Promise<Record<string, u
   let current = path;
   let format = o.format;
   for (;;) {
-    const info = await imageInfo(current, format, allow);
+    const info = await imageInfo(current, format);
     out.push(info);
     const name = info['backing-filename'];
     if (typeof name !== 'string') return out;
@@ -123,7 +128,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
     process.stdout.write(o.json ? `${JSON.stringify(chain, null, 4)}\n` : chain.map(imageText).join('\n'));
     return 0;
   }
-  const info = await imageInfo(target, o.format, o.allowBacking ?? []);
+  const info = await imageInfo(target, o.format);
   process.stdout.write(o.json ? `${JSON.stringify(info, null, 4)}\n` : imageText(info));
   return 0;
 }
