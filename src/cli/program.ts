@@ -153,6 +153,7 @@ export function buildProgram(): Command {
     .option('-F, --backing-format <fmt>', 'format of the backing file, recorded in the image (required with -b)')
     .option('-o, --options <opts>', 'format options, key=value[,key=value...] (repeatable)', collect)
     .option('--allow-backing <path>', 'allow the backing file under PATH when reading its size', collect)
+    .option('-u, --unsafe', 'do not open the backing file (SIZE required; -F may then be left out)')
     .option('-q, --quiet', 'print nothing on success')
     .action(lazy(() => import('./commands/create.js')));
 
