@@ -177,8 +177,12 @@ describe('imgbd check', () => {
     poke(corrupt, 0x20000 + 2 * 3, [0, 0]);
     const raw = join(dir, 'disk.raw');
     await runOk('qemu-img', ['create', '-q', '-f', 'raw', raw, '1M']);
+    // Lazy refcounts left dirty by a killed writer: refcounts and COPIED flags both stale.
+    const dirty = join(dir, 'dirty.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', dirty, '8M']);
+    await run('sh', ['-c', `qemu-io -f qcow2 -c 'write -P 0x42 0 200k' -c 'sigraise 9' '${dirty}' >/dev/null 2>&1`]);
 
-    for (const [image, code] of [[clean, 0], [leaky, 3], [corrupt, 2]] as const) {
+    for (const [image, code] of [[clean, 0], [leaky, 3], [corrupt, 2], [dirty, 2]] as const) {
       const theirs = await run('qemu-img', ['check', '--output=json', image]);
       const ours = await runImgbd(['check', '--json', image]);
       assert.equal(theirs.code, code, `qemu-img check ${image}`);

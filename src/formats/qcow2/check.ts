@@ -225,11 +225,11 @@ export async function checkQcow2(t: CheckTarget, mode: CheckMode): Promise<Check
       }
     }
     if (fixes.length === 0 || pass >= 4) {
-      if (corruptions === 0 || mode === 'all') {
-        const copied = await checkCopiedFlags(t, mode === 'all', messages);
-        corruptions += copied.errors;
-        corruptionsFixed += copied.fixed;
-      }
+      // QEMU checks OFLAG_COPIED whatever the refcount comparison found, and counts each
+      // mismatch as a corruption: the totals (and so `check`'s JSON) must agree with it.
+      const copied = await checkCopiedFlags(t, mode === 'all', messages);
+      corruptions += copied.errors;
+      corruptionsFixed += copied.fixed;
       return {
         corruptions,
         leaks,
