@@ -12,7 +12,7 @@ import { open } from 'node:fs/promises';
 import { ImgbdError, UsageError } from '../errors.js';
 import { MNT_DETACH, unmountFilesystem } from '../sys/mount.js';
 import { disconnectDevice } from './attach-link.js';
-import { supervisorAlive } from './attach-list.js';
+import { processRunning, supervisorAlive } from './attach-list.js';
 import { deviceConnected, deviceHolders, deviceMounts, deviceOpeners, deviceSizeBytes, parseNbdName, readMounts, SYSTEM_ROOTS, type SysRoots } from './device.js';
 import { listDeviceStates, readDeviceState, removeDeviceState, type DeviceState } from './state.js';
 
@@ -141,7 +141,8 @@ export async function detachDevice(state: DeviceState, opts: DetachOptions): Pro
 
   if (supervisorAlive(state.pid, roots)) {
     process.kill(state.pid, 'SIGTERM');
-    const gone = await waitUntil(() => !supervisorAlive(state.pid, roots), timeoutMs);
+    // Identified as our supervisor above; now wait for the process itself to be gone.
+    const gone = await waitUntil(() => !processRunning(state.pid, roots), timeoutMs);
     if (!gone) throw new ImgbdError('ERR_DETACH_TIMEOUT', `the supervisor (pid ${state.pid}) of ${state.device} did not exit within ${timeoutMs} ms; see ${state.log}`);
     const released = foreign || (await waitUntil(() => deviceReleased(state.index, roots), timeoutMs));
     if (!released) throw new ImgbdError('ERR_DETACH_TIMEOUT', `${state.device} was not released within ${timeoutMs} ms`);

@@ -19,6 +19,22 @@ export function supervisorAlive(pid: number, roots: SysRoots = SYSTEM_ROOTS): bo
   }
 }
 
+/**
+ * The process has not finished exiting: it exists and is neither a zombie nor dead. (While a
+ * process exits, its cmdline reads empty before it becomes a zombie, so supervisorAlive()
+ * alone cannot tell when it is gone.)
+ */
+export function processRunning(pid: number, roots: SysRoots = SYSTEM_ROOTS): boolean {
+  let stat: string;
+  try {
+    stat = readFileSync(`${roots.proc}/${pid}/stat`, 'latin1');
+  } catch {
+    return false;
+  }
+  const state = stat.charAt(stat.lastIndexOf(')') + 2);
+  return state !== 'Z' && state !== 'X' && state !== 'x';
+}
+
 export interface AttachedDevice {
   readonly state: DeviceState;
   readonly supervisorAlive: boolean;

@@ -22,6 +22,7 @@ import {
   parseNbdName,
   type SysRoots,
 } from '../../src/kernel/device.js';
+import { processRunning } from '../../src/kernel/attach-list.js';
 import { missingForReady, waitForDeviceReady } from '../../src/kernel/supervisor-ready.js';
 import { tempDir } from '../helpers/peers.js';
 
@@ -154,4 +155,20 @@ test('mounts, holders and openers of a device include its partitions', (t) => {
   symlinkSync('/dev/nbd1', join(roots.proc, '78/fd/3'));
   assert.deepEqual(deviceOpeners(0, roots), [{ pid: 77, path: '/dev/nbd0p1' }]);
   assert.deepEqual(deviceOpeners(1, roots), [{ pid: 78, path: '/dev/nbd1' }]);
+});
+
+test('a process counts as running until it is a zombie or gone; names with ") " do not confuse it', (t) => {
+  const proc = tempDir(t);
+  const roots = { sys: '/nonexistent', dev: '/nonexistent', proc };
+  const stat = (pid: number, text: string) => put(join(proc, String(pid), 'stat'), text);
+  stat(10, '10 (node) S 1 10 10 0 -1');
+  stat(11, '11 (odd) R name) Z 1 11 11 0 -1');
+  stat(12, '12 (node) Z 1 12 12 0 -1');
+  stat(13, '13 (node) X 1 13 13 0 -1');
+  assert.equal(processRunning(10, roots), true);
+  assert.equal(processRunning(11, roots), false);
+  assert.equal(processRunning(12, roots), false);
+  assert.equal(processRunning(13, roots), false);
+  assert.equal(processRunning(14, roots), false);
+  assert.equal(processRunning(process.pid), true);
 });

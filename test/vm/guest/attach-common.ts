@@ -64,7 +64,8 @@ export function released(index: number): boolean {
 export function processAlive(pid: number): boolean {
   const stat = sysRead(`/proc/${pid}/stat`);
   if (stat === null) return false;
-  return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  const state = stat.charAt(stat.lastIndexOf(')') + 2);
+  return state !== 'Z' && state !== 'X' && state !== 'x';
 }
 
 export function mountedAt(dir: string): boolean {

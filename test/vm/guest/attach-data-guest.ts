@@ -223,7 +223,10 @@ async function gpt(): Promise<void> {
       }
       return infos.map((a) => `${a.device}:${JSON.stringify(a.partition)}`);
     } finally {
-      for (const a of infos) await detach(a);
+      // Every one, even when an earlier detach fails; the first failure is reported.
+      const results = await Promise.allSettled(infos.map((a) => detach(a)));
+      const bad = results.find((x) => x.status === 'rejected');
+      if (bad) throw (bad as PromiseRejectedResult).reason;
     }
   });
   timing('gpt-partitions', t0);
