@@ -548,7 +548,8 @@ export class Connection {
       buf = pool.acquire(length);
       const b = buf;
       if (segments.length === 1 && !segments[0]!.hole) {
-        await backend.pread(b.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length), offset);
+        const view = b.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length);
+        if (!backend.readNow(view, offset)) await backend.pread(view, offset);
         buf = undefined;
         if (this.writable) this.replies.readData(cookie, offset, length, b, true);
         else pool.release(b);
@@ -558,7 +559,8 @@ export class Connection {
       for (const s of segments) {
         if (s.hole) continue;
         const at = REPLY_HEADROOM + (s.offset - offset);
-        reads.push(backend.pread(b.subarray(at, at + s.length), s.offset));
+        const view = b.subarray(at, at + s.length);
+        if (!backend.readNow(view, s.offset)) reads.push(backend.pread(view, s.offset));
       }
       await Promise.all(reads);
       buf = undefined;
