@@ -155,6 +155,10 @@ export function buildProgram(): Command {
     .option('--allow-backing <path>', 'allow the backing file under PATH when reading its size', collect)
     .option('-u, --unsafe', 'do not open the backing file (SIZE required; -F may then be left out)')
     .option('-q, --quiet', 'print nothing on success')
+    .option('--partition <scheme>', 'write a partition table (gpt or mbr) with one partition holding --fs')
+    .option('--fs <type>', 'format that partition: ext4, xfs or vfat (any -f format, qcow2, qed, vdi too)')
+    .option('--from-dir <dir>', 'with --fs: populate the filesystem from DIR (no root, no kernel device needed)')
+    .option('--label <label>', 'with --fs: filesystem label (also the GPT partition name)')
     .action(lazy(() => import('./commands/create.js')));
 
   program

@@ -108,6 +108,8 @@ async function createRaw(path: string, sizeBytes: number, o: Map<string, string>
 
 export async function run(args: string[], opts: Record<string, unknown>): Promise<number> {
   const c = opts as CreateOptions;
+  // --partition/--fs: a partitioned image with a populated filesystem (src/image/rootfs.ts).
+  if (opts.partition !== undefined || opts.fs !== undefined) return (await import('./create-rootfs.js')).run(args, opts);
   const [file, sizeText] = args as [string, string | undefined];
   const format = c.format ?? 'raw';
   const o = parseOptionString(c.options ?? []);
