@@ -33,6 +33,11 @@ export class ChunkQueue {
     return out;
   }
 
+  /** True when the next `n` bytes lie in one chunk, so consume(n) returns a view and copies nothing. */
+  contiguous(n: number): boolean {
+    return this.chunks.length > 0 && this.chunks[0]!.length - this.head >= n;
+  }
+
   /** Copy the next `n` bytes into `dst` at `dstPos`, removing them. */
   copyOut(dst: Buffer, dstPos: number, n: number): void {
     if (n > this.total) throw new RangeError(`copyOut(${n}) with only ${this.total} bytes queued`);

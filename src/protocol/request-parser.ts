@@ -33,6 +33,8 @@ export type ClientMessage =
       readonly length: number;
       /** NBD_CMD_WRITE payload, present unless `oversized`. */
       readonly payload: Buffer | undefined;
+      /** The buffer from `allocPayload` that holds `payload`, to give back once written. */
+      readonly payloadOwner?: Buffer;
       /** A write longer than maxPayloadBytes: its payload is drained, never buffered. */
       readonly oversized: boolean;
     };
@@ -46,6 +48,11 @@ export interface RequestParserLimits {
   readonly maxPayloadBytes: number;
   /** Largest oversized write payload that is drained rather than dropping the connection. */
   readonly maxDrainBytes: number;
+  /**
+   * Where a payload that straddles chunks is assembled: a reusable buffer of at least the
+   * given size. Without it, a fresh buffer each time (whose pages the kernel must fault in).
+   */
+  readonly allocPayload?: (length: number) => Buffer;
 }
 
 export const DEFAULT_PARSER_LIMITS: RequestParserLimits = {
@@ -184,7 +191,12 @@ export class RequestParser {
     }
     if (this.queue.length < pending.length) return null;
     this.pendingWrite = null;
-    return { ...pending, payload: this.queue.consume(pending.length) };
+    const alloc = this.limits.allocPayload;
+    if (alloc === undefined || this.queue.contiguous(pending.length)) return { ...pending, payload: this.queue.consume(pending.length) };
+    const owner = alloc(pending.length);
+    const payload = owner.subarray(owner.length - pending.length);
+    this.queue.copyOut(payload, 0, pending.length);
+    return { ...pending, payload, payloadOwner: owner };
   }
 
   private assertBoundary(): void {

@@ -131,6 +131,7 @@ export class Connection {
       maxOptionBytes: this.limits.maxOptionBytes,
       maxPayloadBytes: this.limits.maxPayloadBytes,
       maxDrainBytes: this.limits.maxDrainBytes,
+      allocPayload: (n) => host.pool.acquire(n),
     });
     this.replies = new ReplyWriter(socket, host.pool);
     this.attach(socket);
@@ -445,7 +446,7 @@ export class Connection {
         return;
       case NBD_CMD.WRITE:
         this.start(length);
-        void this.runSimple(cookie, type, length, backend.pwrite(m.payload!, offset, fua));
+        void this.runSimple(cookie, type, length, backend.pwrite(m.payload!, offset, fua), m.payloadOwner);
         return;
       case NBD_CMD.FLUSH:
         this.start(0);
@@ -498,13 +499,14 @@ export class Connection {
     this.replies.error(cookie, errno, err instanceof RequestError ? message : `${commandName(type)} failed: ${errno}`, this.structured);
   }
 
-  private async runSimple(cookie: bigint, type: number, bytes: number, op: Promise<void>): Promise<void> {
+  private async runSimple(cookie: bigint, type: number, bytes: number, op: Promise<void>, pooled?: Buffer): Promise<void> {
     try {
       await op;
       if (this.writable) this.replies.simpleOk(cookie);
     } catch (e) {
       this.failed(cookie, type, e);
     } finally {
+      if (pooled !== undefined) this.host.pool.release(pooled);
       this.finish(bytes);
     }
   }
