@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/client/index.js';
 import { requirePeers, runOk, tempDir } from '../helpers/peers.js';
-import { serveImgbd, stopServe } from './qcow2-cli-helpers.js';
+import { runImgbdOk, serveImgbd, stopServe } from './qcow2-cli-helpers.js';
 
 const MiB = 1024 * 1024;
 const OPS = 2000;
@@ -98,6 +98,7 @@ async function assertClean(image: string): Promise<void> {
   assert.equal(r['check-errors'], 0, `${image}: check errors`);
   assert.equal(r.corruptions ?? 0, 0, `${image}: corruptions`);
   assert.equal(r.leaks ?? 0, 0, `${image}: leaks`);
+  assert.deepEqual(JSON.parse(await runImgbdOk(['check', '--json', image])), r, `${image}: imgbd check agrees with qemu-img check`);
 }
 
 async function twinRun(t: TestContext, dir: string, image: string, twin: string, seed: number): Promise<void> {
