@@ -62,6 +62,16 @@ export function buildProgram(): Command {
   program
     .command('info')
     .summary('show an image or an NBD export')
+    .description(
+      'Describe an image with qemu-img info\'s fields (--json: the same JSON keys), or an NBD export\n' +
+        'as nbdinfo does. The backing file is named, not opened; --backing-chain opens and describes\n' +
+        'every image of the chain, refusing backing files outside the overlay\'s directory tree unless\n' +
+        '--allow-backing allows them.\n\n' +
+        'Examples:\n' +
+        '  imgbd info disk.qcow2\n' +
+        '  imgbd info --json --backing-chain vm1.qcow2\n' +
+        '  imgbd info nbd+unix:///?socket=/run/imgbd/serve.sock',
+    )
     .argument('<image-or-uri>', 'image file, or nbd:// / nbd+unix:// URI')
     .option('-f, --format <fmt>', 'image format; probed when omitted')
     .option('--json', 'print JSON')

@@ -147,3 +147,44 @@ describe('backing-file policy of imgbd serve', () => {
     await stopServe(served);
   });
 });
+
+describe('resolveBacking', () => {
+  it('confines names to the allowed roots, follows symlinks, bounds depth and refuses loops', async (t) => {
+    const { BACKING_MAX_DEPTH, BackingPolicyError, resolveBacking, topBackingPolicy } = await import('../../src/formats/backing-policy.js');
+    const dir = tempDir(t);
+    mkdirSync(join(dir, 'vm', 'sub'), { recursive: true });
+    mkdirSync(join(dir, 'other'));
+    const top = join(dir, 'vm', 'top.qcow2');
+    for (const f of [top, join(dir, 'vm', 'sub', 'b.raw'), join(dir, 'other', 'c.raw'), join(dir, 'vm', 'a.raw')]) copyFileSync('/dev/null', f);
+    symlinkSync(join(dir, 'other', 'c.raw'), join(dir, 'vm', 'sneaky.raw'));
+    const policy = await topBackingPolicy(top, undefined);
+    assert.ok(policy !== false);
+    assert.equal((await resolveBacking(top, 'a.raw', policy)).path, join(dir, 'vm', 'a.raw'));
+    assert.equal((await resolveBacking(top, 'sub/b.raw', policy)).path, join(dir, 'vm', 'sub', 'b.raw'));
+    for (const name of ['../other/c.raw', join(dir, 'other', 'c.raw'), 'sneaky.raw', '/etc/passwd']) {
+      await assert.rejects(resolveBacking(top, name, policy), (e: unknown) => e instanceof BackingPolicyError && /--allow-backing/.test((e as Error).message), name);
+    }
+    await assert.rejects(resolveBacking(top, '', policy), BackingPolicyError);
+    await assert.rejects(resolveBacking(top, 'top.qcow2', policy), /loops back/);
+    // An allowed root may be a single file rather than a directory.
+    const one = await topBackingPolicy(top, [join(dir, 'other', 'c.raw')]);
+    assert.ok(one !== false);
+    assert.equal((await resolveBacking(top, 'sneaky.raw', one)).path, join(dir, 'other', 'c.raw'));
+    assert.equal(await topBackingPolicy(top, false), false);
+    const any = await topBackingPolicy(top, true);
+    assert.ok(any !== false);
+    assert.equal((await resolveBacking(top, '/etc/passwd', any)).path, '/etc/passwd');
+    // The chain grows by one per level; past the limit it is refused.
+    let p = policy;
+    let from = top;
+    for (let i = 0; i < BACKING_MAX_DEPTH; i++) {
+      const name = `d${i}`;
+      copyFileSync('/dev/null', join(dir, 'vm', name));
+      const r = await resolveBacking(from, name, p);
+      p = r.next;
+      from = r.path;
+    }
+    copyFileSync('/dev/null', join(dir, 'vm', 'last'));
+    await assert.rejects(resolveBacking(from, 'last', p), /deeper than/);
+  });
+});

@@ -36,6 +36,11 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const backingFile = dirname(absBase) === dirname(absTarget) ? basename(absBase) : absBase;
   const q = qcow2CreateOptions(parseOptionString(o.options ?? []));
   await createQcow2(target, { ...q, sizeBytes, backingFile, backingFormat: opened.format });
-  if (!o.quiet) process.stdout.write(`${target}: qcow2 overlay over ${backingFile} (${opened.format}), ${sizeBytes} bytes\n`);
+  if (!o.quiet) {
+    process.stdout.write(`${target}: qcow2 overlay over ${backingFile} (${opened.format}), ${sizeBytes} bytes\n`);
+    if (backingFile === absBase) {
+      process.stdout.write(`note: the base lies outside ${dirname(absTarget)}; serve the clone with --allow-backing ${dirname(absBase)}\n`);
+    }
+  }
   return 0;
 }
