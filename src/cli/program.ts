@@ -63,9 +63,9 @@ export function buildProgram(): Command {
     .command('info')
     .summary('show an image or an NBD export')
     .description(
-      'Describe an image with qemu-img info\'s fields (--json: the same JSON keys), or an NBD export\n' +
-        'as nbdinfo does. The backing file is named, not opened; --backing-chain opens and describes\n' +
-        'every image of the chain, refusing backing files outside the overlay\'s directory tree unless\n' +
+      'Describe an image with qemu-img info\'s fields (--json: the same JSON keys), or an NBD export ' +
+        'as nbdinfo does. The backing file is named, not opened; --backing-chain opens and describes ' +
+        'every image of the chain, refusing backing files outside the overlay\'s directory tree unless ' +
         '--allow-backing allows them.\n\n' +
         'Examples:\n' +
         '  imgbd info disk.qcow2\n' +
@@ -144,15 +144,15 @@ export function buildProgram(): Command {
     .command('create')
     .summary('create a qcow2 or raw image')
     .description(
-      'Create an image, as qemu-img create does. SIZE takes k, M, G, T suffixes; with -b it may be left out\n' +
+      'Create an image, as qemu-img create does. SIZE takes k, M, G, T suffixes; with -b it may be left out ' +
         'and is then the backing file\'s size. A relative -b is relative to the new image\'s directory.\n\n' +
-        'qcow2 options (-o key=value,...): cluster_size (512..2M), compat (0.10 | 1.1), extended_l2 (on|off),\n' +
-        'compression_type (zlib|zstd), lazy_refcounts (on|off), refcount_bits (1..64),\n' +
+        'qcow2 options (-o key=value,...): cluster_size (512..2M), compat (0.10 | 1.1), extended_l2 (on|off), ' +
+        'compression_type (zlib|zstd), lazy_refcounts (on|off), refcount_bits (1..64), ' +
         'preallocation (off|metadata|falloc|full), data_file (external raw data file).\n' +
         'raw options: preallocation (off|falloc|full).\n\n' +
         'Examples:\n' +
         '  imgbd create -f qcow2 disk.qcow2 20G\n' +
-        '  imgbd create -f qcow2 -o cluster_size=2M,extended_l2=on,compression_type=zstd disk.qcow2 20G\n' +
+        '  imgbd create -f qcow2 -o cluster_size=2M,extended_l2=on big.qcow2 1T\n' +
         '  imgbd create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n' +
         '  imgbd create -f raw -o preallocation=falloc disk.img 4G',
     )
@@ -175,9 +175,9 @@ export function buildProgram(): Command {
     .command('check')
     .summary('check a qcow2 image for corruptions and leaked clusters')
     .description(
-      'Check the metadata of a qcow2 image, as qemu-img check does. Exit status: 0 no problems,\n' +
-        '2 corruptions, 3 leaked clusters only, 1 the check could not be completed, 63 the format has\n' +
-        'nothing to check (raw). -r leaks reclaims leaked clusters (safe); -r all also repairs\n' +
+      'Check the metadata of a qcow2 image, as qemu-img check does. Exit status: 0 no problems, ' +
+        '2 corruptions, 3 leaked clusters only, 1 the check could not be completed, 63 the format has ' +
+        'nothing to check (raw). -r leaks reclaims leaked clusters (safe); -r all also repairs ' +
         'corruptions (work on a copy first).\n\n' +
         'Examples:\n' +
         '  imgbd check disk.qcow2\n' +
@@ -194,8 +194,8 @@ export function buildProgram(): Command {
     .command('clone')
     .summary('create a qcow2 overlay over an image')
     .description(
-      'Create NEW, a qcow2 image whose unwritten parts read from BASE. BASE\'s format is recorded in NEW,\n' +
-        'so it is never guessed later; BASE is named relatively when both are in one directory (move them\n' +
+      'Create NEW, a qcow2 image whose unwritten parts read from BASE. BASE\'s format is recorded in NEW, ' +
+        'so it is never guessed later; BASE is named relatively when both are in one directory (move them ' +
         'together), otherwise by absolute path. BASE is never written through NEW.\n\n' +
         'Examples:\n' +
         '  imgbd clone golden.qcow2 vm1.qcow2\n' +
@@ -213,8 +213,8 @@ export function buildProgram(): Command {
     .command('resize')
     .summary('grow (or, with --shrink, shrink) a qcow2 or raw image')
     .description(
-      'Change the virtual size, as qemu-img resize does: SIZE is absolute, or relative with + or -.\n' +
-        'Shrinking needs --shrink and is refused while the part that would be cut off holds data.\n' +
+      'Change the virtual size, as qemu-img resize does: SIZE is absolute, or relative with + or -. ' +
+        'Shrinking needs --shrink and is refused while the part that would be cut off holds data. ' +
         'Write a negative size after --, e.g. imgbd resize --shrink disk.img -- -1G.\n\n' +
         'Examples:\n' +
         '  imgbd resize disk.qcow2 +10G\n' +
@@ -232,8 +232,8 @@ export function buildProgram(): Command {
     .command('snapshot')
     .summary('create, apply, delete or list qcow2 internal snapshots')
     .description(
-      'Manage internal snapshots, as qemu-img snapshot does. Exactly one of -c, -a, -d, -l.\n' +
-        'Do not use it on an image that a running server has open for writing.\n' +
+      'Manage internal snapshots, as qemu-img snapshot does. Exactly one of -c, -a, -d, -l. ' +
+        'Do not use it on an image that a running server has open for writing. ' +
         'Serve a snapshot read-only with imgbd serve -l NAME.\n\n' +
         'Examples:\n' +
         '  imgbd snapshot -c before-upgrade disk.qcow2\n' +
