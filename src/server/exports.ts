@@ -25,6 +25,12 @@ export interface ExportConfig {
   readonly description?: string;
   readonly device: BlockDevice;
   readonly readOnly: boolean;
+  /**
+   * Set false to withhold NBD_FLAG_CAN_MULTI_CONN even where it is safe: when the server
+   * takes a single client (qemu-nbd's default --shared=1), a client that believed it could
+   * open more connections would be refused.
+   */
+  readonly multiConn?: boolean;
 }
 
 export interface ServedExport {
@@ -58,11 +64,11 @@ export function serveExport(cfg: ExportConfig, maxPayloadBytes: number): ServedE
     backend,
     allocationDepth: inner.allocationDepth && typeof backend.next.allocationDepth === 'function',
     sizes,
-    baseFlags: transmissionFlags(backend),
+    baseFlags: transmissionFlags(backend, cfg.multiConn ?? true),
   };
 }
 
-function transmissionFlags(backend: Backend): number {
+function transmissionFlags(backend: Backend, allowMultiConn: boolean): number {
   const c = backend.capabilities();
   let f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE;
   if (!c.writable) f |= NBD_FLAG_READ_ONLY;
@@ -74,7 +80,7 @@ function transmissionFlags(backend: Backend): number {
     // "MUST set this transmission flag to 0 if NBD_FLAG_SEND_WRITE_ZEROES is not set"
     if (c.fastZero) f |= NBD_FLAG_SEND_FAST_ZERO;
   }
-  if (c.multiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
+  if (c.multiConn && allowMultiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
   if (c.rotational) f |= NBD_FLAG_ROTATIONAL;
   return f;
 }

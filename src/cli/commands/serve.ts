@@ -148,6 +148,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
       description: descriptions[i],
       device: devices[i]!,
       readOnly: ((o.readOnly ?? false) || o.loadSnapshot !== undefined) && !o.snapshot,
+      multiConn: maxConnections > 1,
     })),
     logger,
     maxConnections,
