@@ -57,6 +57,13 @@ export function buildProgram(): Command {
     .option('-v, --verbose', 'log connections')
     .option('-l, --load-snapshot <name>', 'serve this qcow2 internal snapshot (id or name), read-only')
     .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable; default: only the image\'s own directory tree)', collect)
+    .addHelpText('after', `
+Examples:
+  imgbd serve -k /run/disk.sock disk.qcow2        serve on a unix socket until the client leaves
+  imgbd serve -t -e 4 -k /run/disk.sock disk.raw  keep serving, up to 4 clients (multi-conn)
+  imgbd serve -p 10809 -b 0.0.0.0 --tls=require --tls-certificates /etc/imgbd/tls disk.raw
+  imgbd serve -s disk.qcow2                       writes go to a throwaway overlay
+  nbdinfo 'nbd+unix:///?socket=/run/disk.sock'    then any NBD client can use it`)
     .action(lazy(() => import('./commands/serve.js')));
 
   program
@@ -77,6 +84,10 @@ export function buildProgram(): Command {
     .option('--json', 'print JSON')
     .option('--backing-chain', 'describe every image of the backing chain, top first (a JSON array with --json)')
     .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable)', collect)
+    .addHelpText('after', `
+Examples:
+  imgbd info disk.qcow2 --json                     qemu-img info's JSON keys
+  imgbd info 'nbd+unix:///?socket=/run/disk.sock'  an export: size, flags, block sizes`)
     .action(lazy(() => import('./commands/info.js')));
 
   program
@@ -124,6 +135,10 @@ export function buildProgram(): Command {
     .argument('<image-or-uri>', 'image file, or NBD URI')
     .option('-f, --format <fmt>', 'image format; probed when omitted')
     .option('--json', 'print JSON (qemu-img map --output=json shape)')
+    .addHelpText('after', `
+Examples:
+  imgbd map disk.qcow2                             offsets, lengths, depth in the backing chain
+  imgbd map --json 'nbd://127.0.0.1/'              qemu-img map --output=json shape`)
     .action(lazy(() => import('./commands/map.js')));
 
   program
@@ -138,6 +153,10 @@ export function buildProgram(): Command {
     .option('-p, --progress', 'show a progress bar even when not on a terminal')
     .addOption(new Option('--no-progress', 'never show a progress bar'))
     .option('--flush', 'flush the destination at the end (always done for files)')
+    .addHelpText('after', `
+Examples:
+  imgbd copy 'nbd+unix:///?socket=/run/a.sock' backup.raw   export to a sparse file
+  imgbd copy disk.raw 'nbd://127.0.0.1/' -C 4               file into an export, 4 connections`)
     .action(lazy(() => import('./commands/copy.js')));
 
   program
