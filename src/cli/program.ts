@@ -32,7 +32,12 @@ export function buildProgram(): Command {
     .summary('serve images over NBD')
     .description(
       'Serve one or more images over NBD. By default on a unix socket (mode 0600); with -p/--port on TCP,\n' +
-        'bound to 127.0.0.1 unless -b says otherwise. Several images make several named exports (-x per image).',
+        'bound to 127.0.0.1 unless -b says otherwise. Several images make several named exports (-x per image).\n' +
+        'Backing files must lie in the image\'s own directory tree unless --allow-backing allows more.\n\n' +
+        'Examples:\n' +
+        '  imgbd serve -f qcow2 -k /tmp/vm.sock vm.qcow2\n' +
+        '  imgbd serve -f qcow2 -l before-upgrade -k /tmp/snap.sock vm.qcow2\n' +
+        '  imgbd serve -f qcow2 --allow-backing /srv/golden -p 10809 vm.qcow2',
     )
     .argument('<image...>', 'image file(s) or block device(s)')
     .option('-f, --format <fmt>', 'image format (raw); probed by magic when omitted')
