@@ -182,11 +182,18 @@ async function runJob(o: TransferOptions, stats: TransferStats, src: BlockDevice
   if (old) {
     const cur = old.subarray(0, job.length);
     await dst.device.pread(cur, job.offset);
+    // Runs of neighbouring grains that differ go out as one request each.
     const writes: Promise<void>[] = [];
-    for (let a = 0; a < job.length; a += o.grainBytes) {
+    let runStart = -1;
+    for (let a = 0; ; a = Math.min(job.length, a + o.grainBytes)) {
       const b = Math.min(job.length, a + o.grainBytes);
-      if (data.subarray(a, b).equals(cur.subarray(a, b))) continue;
-      writes.push(writeGrains(o, stats, dst, data.subarray(a, b), job.offset + a));
+      const differs = a < job.length && !data.subarray(a, b).equals(cur.subarray(a, b));
+      if (differs && runStart < 0) runStart = a;
+      if (!differs && runStart >= 0) {
+        writes.push(writeGrains(o, stats, dst, data.subarray(runStart, a), job.offset + runStart));
+        runStart = -1;
+      }
+      if (a >= job.length) break;
     }
     await Promise.all(writes);
     return;

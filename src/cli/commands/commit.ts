@@ -16,7 +16,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const c = opts as CommitCliOptions;
   const bar = c.progress && !c.quiet ? new SingleBar({ format: 'committing [{bar}] {percentage}%', stream: process.stderr }) : undefined;
   bar?.start(100, 0);
-  const r = await commitImage({
+  await commitImage({
     overlay: args[0]!,
     format: c.format,
     base: c.base,
