@@ -36,7 +36,8 @@ export async function topBackingPolicy(imagePath: string, allow: unknown): Promi
   if (allow === false) return false;
   if (allow === true) return { allowedRoots: 'any', chain: [await real(imagePath)] };
   const extra = Array.isArray(allow) ? allow.filter((d): d is string => typeof d === 'string') : [];
-  const roots = [dirname(await real(imagePath)), ...(await Promise.all(extra.map(real)))];
+  // The directory the user named the image in (relative backing names resolve against it too).
+  const roots = [await real(dirname(resolve(imagePath))), ...(await Promise.all(extra.map(real)))];
   return { allowedRoots: roots, chain: [await real(imagePath)] };
 }
 
