@@ -322,3 +322,22 @@ describe('imgbd snapshot and serve -l', () => {
     assert.equal(dup.code, 64);
   });
 });
+
+describe('option and size parsing', () => {
+  it('-o strings split like qemu (a doubled comma is a comma); sizes are absolute or relative', async () => {
+    const { parseOptionString, qcow2CreateOptions } = await import('../../src/cli/commands/create.js');
+    const { targetSize } = await import('../../src/cli/commands/resize.js');
+    const o = parseOptionString(['cluster_size=4k,compat=v2', 'data_file=a,,b.raw']);
+    assert.deepEqual([...o.entries()], [['cluster_size', '4k'], ['compat', 'v2'], ['data_file', 'a,b.raw']]);
+    const q = qcow2CreateOptions(o);
+    assert.equal(q.clusterSize, 4096);
+    assert.equal(q.compat, '0.10');
+    assert.equal(q.dataFile, 'a,b.raw');
+    assert.throws(() => parseOptionString(['cluster_size']), /key=value/);
+    assert.throws(() => qcow2CreateOptions(new Map([['extended_l2', 'maybe']])), /on or off/);
+    assert.equal(targetSize('+1M', 4096), 4096 + MiB);
+    assert.equal(targetSize('-4k', 8192), 4096);
+    assert.equal(targetSize('2G', 1), 2 * 1024 * MiB);
+    assert.throws(() => targetSize('-1M', 4096), /smaller than nothing/);
+  });
+});
