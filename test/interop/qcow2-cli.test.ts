@@ -195,6 +195,13 @@ describe('imgbd check', () => {
     assert.match(text.stdout, /1 leaked clusters were found/);
     assert.match(text.stdout, /-r leaks/);
 
+    // Repair of a dirty lazy-refcounts image rebuilds its refcounts (qemu-img needs -r all).
+    const dirtyRepair = await runImgbd(['check', '-r', 'leaks', dirty]);
+    assert.equal(dirtyRepair.code, 0, dirtyRepair.stdout + dirtyRepair.stderr);
+    assert.match(dirtyRepair.stderr, /left dirty/);
+    await assertQemuClean(dirty);
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x42 0 200k', dirty]);
+
     const repaired = await runImgbd(['check', '-r', 'leaks', leaky]);
     assert.equal(repaired.code, 0, repaired.stdout + repaired.stderr);
     assert.match(repaired.stdout, /1 leaked clusters/);

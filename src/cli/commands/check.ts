@@ -71,10 +71,16 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
     if (o.repair !== 'leaks' && o.repair !== 'all') throw new UsageError(`-r ${o.repair}: use -r leaks (reclaim leaked clusters) or -r all (also fix corruptions)`);
     mode = o.repair;
   }
-  const format = o.format ?? probeFormat(await readProbeHead(file));
+  const head = await readProbeHead(file);
+  const format = o.format ?? probeFormat(head);
   if (format !== 'qcow2') {
     process.stderr.write(`imgbd: ${format} images have no metadata to check (only qcow2 is checked)\n`);
     return CHECK_EXIT.UNSUPPORTED;
+  }
+  // Header bytes 4-7: version; 72-79: incompatible features, bit 0 = dirty (qcow2.txt).
+  const dirty = head.readUInt32BE(4) >= 3 && (head.readBigUInt64BE(72) & 1n) === 1n;
+  if (dirty && mode !== 'none') {
+    process.stderr.write(`imgbd: ${file} was left dirty with lazy refcounts: its refcounts are rebuilt on the writable open, before the check\n`);
   }
   let dev;
   try {
