@@ -33,7 +33,7 @@ import { logPath, removeDeviceState, STATE_VERSION, writeDeviceState } from './s
 
 const READY_TIMEOUT_MS = 30_000;
 const UNMOUNT_BUSY_RETRY_MS = 3_000;
-const DRAIN_TIMEOUT_MS = 10_000;
+const DRAIN_TIMEOUT_MS = 5_000;
 
 function describePartition(p: SupervisorConfig['partition']): string {
   if (p === null) return '';
@@ -296,9 +296,12 @@ export class Supervisor {
       } catch (e) {
         this.log.warn(`disconnecting /dev/nbd${link.index}: ${(e as Error).message}`);
       }
-      // The kernel answers the disconnect by closing each connection after NBD_CMD_DISC.
-      await Promise.race([Promise.allSettled(this.served), sleep(DRAIN_TIMEOUT_MS)]);
+      // The kernel lets go of its socket ends only when the device's last opener closes it:
+      // close ours first, then the connections end (requests already received still finish
+      // and are flushed by server.close()).
       await link.close();
+      const drained = await Promise.race([Promise.allSettled(this.served).then(() => true), sleep(DRAIN_TIMEOUT_MS).then(() => false)]);
+      if (!drained) this.log.warn(`connections still open ${DRAIN_TIMEOUT_MS} ms after the disconnect; closing them`);
     }
     if (this.server) await this.server.close();
     if (this.image) await this.image.close();
