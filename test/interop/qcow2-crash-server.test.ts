@@ -7,7 +7,7 @@
 import { strict as assert } from 'node:assert';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, it } from 'node:test';
+import { describe, it, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/client/index.js';
 import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
 import { runImgbd, serveImgbd, stopServe } from './qcow2-cli-helpers.js';
@@ -162,6 +162,36 @@ async function storm(uri: string, model: Model, seed: number, stop: () => boolea
   return { acked, flushes };
 }
 
+/** Kill the server at a random moment of a storm on a fresh image; returns the model and image. */
+async function crash(t: TestContext, i: number, layout: string): Promise<{ dir: string; image: string; model: Model; acked: number }> {
+  const dir = tempDir(t);
+  const image = join(dir, 'img.qcow2');
+  const sizeBytes = 16 * MiB;
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', layout, image, String(sizeBytes)]);
+  const served = await serveImgbd(t, join(dir, 'nbd.sock'), ['-f', 'qcow2', image]);
+  const model = new Model(sizeBytes / SECTOR);
+  const r = rng(1000 + i);
+  let killed = false;
+  const delayMs = 150 + Math.floor(r() * 1500);
+  const timer = setTimeout(() => {
+    killed = true;
+    served.child.kill('SIGKILL');
+  }, delayMs);
+  const result = await storm(served.uri, model, 2000 + i, () => killed);
+  clearTimeout(timer);
+  assert.equal(await stopServe(served, 'SIGKILL'), 'SIGKILL', `run ${i}: the server should have been killed mid-storm`);
+  return { dir, image, model, acked: result.acked };
+}
+
+/** Sectors the model knows must read back exactly, checked through qemu's reading of the image. */
+async function verifyFlushed(dir: string, image: string, model: Model, what: string): Promise<number> {
+  const raw = join(dir, 'out.raw');
+  await runOk('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', image, raw]);
+  const v = model.verify(readFileSync(raw));
+  assert.deepEqual(v.bad.slice(0, 10), [], `${what}: sectors not as flushed (first of ${v.bad.length})`);
+  return v.checked;
+}
+
 describe('kill -9 of imgbd serve during a write storm', () => {
   it(`${RUNS} crashes: no corruption, flushed data intact`, async (t) => {
     if (!requirePeers(t, 'qemu-img')) return;
@@ -173,24 +203,9 @@ describe('kill -9 of imgbd serve during a write storm', () => {
     let leaksPastEnd = 0;
     let acked = 0;
     for (let i = 0; i < RUNS; i++) {
-      const dir = tempDir(t);
-      const image = join(dir, 'img.qcow2');
-      const sizeBytes = 16 * MiB;
       const layout = layouts[i % layouts.length]!;
-      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', layout, image, String(sizeBytes)]);
-      const served = await serveImgbd(t, join(dir, 'nbd.sock'), ['-f', 'qcow2', image]);
-      const model = new Model(sizeBytes / SECTOR);
-      const r = rng(1000 + i);
-      let killed = false;
-      const delayMs = 150 + Math.floor(r() * 1500);
-      const timer = setTimeout(() => {
-        killed = true;
-        served.child.kill('SIGKILL');
-      }, delayMs);
-      const result = await storm(served.uri, model, 2000 + i, () => killed);
-      clearTimeout(timer);
-      assert.equal(await stopServe(served, 'SIGKILL'), 'SIGKILL', `run ${i}: the server should have been killed mid-storm`);
-      acked += result.acked;
+      const { dir, image, model, acked: n } = await crash(t, i, layout);
+      acked += n;
 
       const check = await run('qemu-img', ['check', '--output=json', image]);
       const report = JSON.parse(check.stdout) as Record<string, number | undefined>;
@@ -213,13 +228,25 @@ describe('kill -9 of imgbd serve during a write storm', () => {
         leakedClusters += report.leaks!;
       }
 
-      const raw = join(dir, 'out.raw');
-      await runOk('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', image, raw]);
-      const v = model.verify(readFileSync(raw));
-      assert.deepEqual(v.bad.slice(0, 10), [], `run ${i} (${layout}): sectors not as flushed (first of ${v.bad.length})`);
-      checkedSectors += v.checked;
+      checkedSectors += await verifyFlushed(dir, image, model, `run ${i} (${layout})`);
     }
     t.diagnostic(`runs=${RUNS} acked-requests=${acked} verified-sectors=${checkedSectors} runs-with-leaks=${leakRuns} leaked-clusters=${leakedClusters} (imgbd check also: ${leaksPastEnd} past EOF) corruptions=${corruptions}`);
     assert.ok(acked > RUNS * 10, 'the storms should have had requests acknowledged before the kill');
+  });
+
+  it('lazy refcounts: 8 crashes, each repaired by the next writable open, then clean and intact', async (t) => {
+    if (!requirePeers(t, 'qemu-img')) return;
+    let acked = 0;
+    for (let i = 0; i < 8; i++) {
+      const { dir, image, model, acked: n } = await crash(t, 500 + i, i % 2 === 0 ? 'lazy_refcounts=on' : 'lazy_refcounts=on,cluster_size=4k');
+      acked += n;
+      // "The image must be repaired before it is used again": imgbd's repairing open does it.
+      const repaired = await runImgbd(['check', '-r', 'leaks', image]);
+      assert.equal(repaired.code, 0, `lazy run ${i}: ${repaired.stdout}${repaired.stderr}`);
+      const check = await run('qemu-img', ['check', '--output=json', image]);
+      assert.equal(check.code, 0, `lazy run ${i}: qemu-img check after repair: ${check.stdout}${check.stderr}`);
+      await verifyFlushed(dir, image, model, `lazy run ${i}`);
+    }
+    assert.ok(acked > 0);
   });
 });
