@@ -25,7 +25,9 @@ export function buildProgram(): Command {
     .version('0.1.0')
     .showHelpAfterError("(run 'imgbd <command> --help' for usage)")
     .configureOutput({ outputError: (str, write) => write(str) })
-    .exitOverride();
+    .exitOverride()
+    // `run` passes everything after its root filesystem to CMD untouched.
+    .enablePositionalOptions();
 
   program
     .command('serve')
@@ -130,6 +132,51 @@ Examples:
     .action(lazy(() => import('./commands/detach.js')));
 
   program
+    .command('run')
+    .summary('run a command in new namespaces with an image as its root filesystem')
+    .description(
+      'Attach ROOTFS (read-only unless --rw), mount it, and run CMD as PID 1 of new mount, pid, uts and ipc\n' +
+        'namespaces with the image as its root (pivot_root, a fresh /proc, a minimal /dev). Exits with CMD\'s\n' +
+        'status (128+N when signal N ended it), once the filesystem is unmounted and the device detached;\n' +
+        'if imgbd itself is killed, CMD is killed and the supervisor unmounts and detaches. Options go before\n' +
+        'ROOTFS: everything after it belongs to CMD.\n\n' +
+        'Examples:\n' +
+        "  imgbd run nbd:rootfs.qcow2:1 -- sh -c 'cat /etc/os-release'\n" +
+        '  imgbd run --rw -e LANG=C nbd:disk.img:name=root /bin/sh',
+    )
+    .argument('<rootfs>', 'nbd:IMAGE, nbd:IMAGE:N or nbd:IMAGE:name=LABEL')
+    .argument('<command...>', 'CMD [ARGS...]')
+    .option('--rw', 'attach and mount read-write (default read-only)')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('-o, --options <opts>', 'mount options for the root filesystem, as mount -o')
+    .option('-e, --env <KEY=VALUE>', 'environment variable for CMD (repeatable)', collect)
+    .option('-w, --workdir <dir>', 'working directory inside the container', '/')
+    .option('--hostname <name>', 'hostname inside the container', 'imgbd')
+    .addOption(new Option('--interface <kind>', 'kernel interface: auto, netlink or ioctl').hideHelp())
+    .passThroughOptions()
+    .action(lazy(() => import('./commands/run.js')));
+
+  program
+    .command('qemu-nbd')
+    .summary('qemu-nbd -c / -d for tools that call it (LXC nbd: root filesystems), without QEMU')
+    .description(
+      'qemu-nbd -c DEV IMAGE connects IMAGE to DEV (/dev/nbdN) and serves it from this process, in the\n' +
+        'foreground, until DEV is disconnected (exit 0). qemu-nbd -d DEV flushes and disconnects DEV, and waits\n' +
+        'until the kernel has released it. Install as `qemu-nbd` with --install-shim DIR (a symlink to the\n' +
+        'bin/qemu-nbd shim) and put DIR first in PATH.',
+    )
+    .argument('[args...]', 'IMAGE with -c; DEV with -d')
+    .option('-c, --connect <dev>', 'connect IMAGE to this device')
+    .option('-d, --disconnect', 'disconnect the device given as argument')
+    .option('-f, --format <fmt>', 'image format; probed when omitted')
+    .option('-r, --read-only', 'export read-only')
+    .option('--pid-file <path>', 'write the serving process id here')
+    .option('-v, --verbose', 'log to stderr')
+    .option('--install-shim <dir>', 'create DIR/qemu-nbd, a symlink to the bin/qemu-nbd shim, and exit')
+    .addOption(new Option('--interface <kind>', 'kernel interface: auto, netlink or ioctl').hideHelp())
+    .action(lazy(() => import('./commands/qemu-nbd.js')));
+
+  program
     .command('gc')
     .summary('reclaim attached devices whose supervisor has died')
     .action(lazy(() => import('./commands/gc.js')));
@@ -227,7 +274,7 @@ Examples:
     )
     .argument('<base>', 'existing image (any format)')
     .argument('<new>', 'the overlay to create (must not exist)')
-    .option('-f, --format <fmt>', 'BASE\'s format; probed by magic when omitted, then recorded')
+    .option('-f, --format <fmt>', 'BASE\'s format; probed by magic when omitted, then recorded (give -f raw for a raw disk whose data could look like an image)')
     .option('-o, --options <opts>', 'qcow2 options for NEW, as for create (repeatable)', collect)
     .option('--allow-backing <path>', 'allow BASE\'s own backing files under PATH', collect)
     .option('-q, --quiet', 'print nothing on success')
