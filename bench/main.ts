@@ -89,3 +89,6 @@ async function main(): Promise<void> {
 }
 
 await main();
+
+// The conversion rows (bench/convert.ts) run after the server rows.
+await (await import('./convert.js')).runConvertBench(process.argv.slice(2));

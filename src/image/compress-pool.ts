@@ -10,13 +10,17 @@ export interface CompressRequest {
   readonly id: number;
   /** 0 zlib (raw deflate), 1 zstd: qcow2's compression_type. */
   readonly type: 0 | 1;
-  readonly clusters: Uint8Array[];
+  /** The clusters back to back, `clusterBytes` each; transferred, not copied. */
+  readonly data: ArrayBuffer;
+  readonly clusterBytes: number;
 }
 
 export interface CompressReply {
   readonly id: number;
-  /** One per cluster: the compressed bytes, or null when they would not be smaller. */
-  readonly packed: (Uint8Array | null)[];
+  /** The compressed clusters back to back; transferred. */
+  readonly data: ArrayBuffer;
+  /** One per cluster: its compressed length, or -1 when compression would not make it smaller. */
+  readonly lengths: number[];
   readonly error?: string;
 }
 
@@ -60,15 +64,19 @@ export class CompressPool {
     return this.slots.length;
   }
 
-  /** Compress each cluster; null for those that do not shrink. */
-  compress(type: 0 | 1, clusters: Buffer[]): Promise<(Buffer | null)[]> {
+  /** Compress each cluster (all `clusterBytes` long); null for those that do not shrink. */
+  compress(type: 0 | 1, clusters: readonly Buffer[], clusterBytes: number): Promise<(Buffer | null)[]> {
     const slot = this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
     const id = this.nextId++;
     slot.busy++;
+    // One copy into a fresh buffer that moves to the thread: nothing is cloned on the way.
+    const data = new ArrayBuffer(clusters.length * clusterBytes);
+    const view = new Uint8Array(data);
+    clusters.forEach((c, i) => view.set(c, i * clusterBytes));
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, slot });
-      const req: CompressRequest = { id, type, clusters };
-      slot.worker.postMessage(req);
+      const req: CompressRequest = { id, type, data, clusterBytes };
+      slot.worker.postMessage(req, [data]);
     });
   }
 
@@ -77,8 +85,21 @@ export class CompressPool {
     if (!p) return;
     this.pending.delete(r.id);
     p.slot.busy--;
-    if (r.error !== undefined) p.reject(new CompressError(`compression failed: ${r.error}`));
-    else p.resolve(r.packed.map((b) => (b === null ? null : Buffer.from(b.buffer, b.byteOffset, b.byteLength))));
+    if (r.error !== undefined) {
+      p.reject(new CompressError(`compression failed: ${r.error}`));
+      return;
+    }
+    const out: (Buffer | null)[] = [];
+    let pos = 0;
+    for (const n of r.lengths) {
+      if (n < 0 || pos + n > r.data.byteLength) {
+        out.push(null);
+        continue;
+      }
+      out.push(Buffer.from(r.data, pos, n));
+      pos += n;
+    }
+    p.resolve(out);
   }
 
   private failAll(slot: Slot, err: Error): void {

@@ -1,5 +1,6 @@
 // The body of one compression thread: compresses batches of qcow2 clusters with raw deflate
-// (window bits 12, as QEMU) or zstd, synchronously, because this thread does nothing else.
+// (window bits 12, as QEMU) or zstd (level 3, QEMU's default), synchronously, because this
+// thread does nothing else. Batches arrive and leave as transferred buffers.
 
 import { parentPort } from 'node:worker_threads';
 import { deflateRawSync, constants as zc } from 'node:zlib';
@@ -11,19 +12,36 @@ let zstdReady: Promise<void> | null = null;
 parentPort?.on('message', (req: CompressRequest) => {
   void (async () => {
     try {
-      const out: (Uint8Array | null)[] = [];
       if (req.type === 1) {
         zstdReady ??= zstd.init();
         await zstdReady;
       }
-      for (const c of req.clusters) {
-        const packed = req.type === 0 ? deflateRawSync(c, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION }) : zstd.compress(c, 3);
-        out.push(packed.length < c.length ? packed : null);
+      const input = Buffer.from(req.data);
+      const packed: Uint8Array[] = [];
+      const lengths: number[] = [];
+      let total = 0;
+      for (let pos = 0; pos < input.length; pos += req.clusterBytes) {
+        const c = input.subarray(pos, pos + req.clusterBytes);
+        const out = req.type === 0 ? deflateRawSync(c, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION }) : zstd.compress(c, 3);
+        if (out.length < c.length) {
+          packed.push(out);
+          lengths.push(out.length);
+          total += out.length;
+        } else {
+          lengths.push(-1);
+        }
       }
-      const reply: CompressReply = { id: req.id, packed: out };
-      parentPort!.postMessage(reply);
+      const data = new ArrayBuffer(total);
+      const view = new Uint8Array(data);
+      let at = 0;
+      for (const p of packed) {
+        view.set(p, at);
+        at += p.length;
+      }
+      const reply: CompressReply = { id: req.id, data, lengths };
+      parentPort!.postMessage(reply, [data]);
     } catch (err) {
-      const reply: CompressReply = { id: req.id, packed: [], error: err instanceof Error ? err.message : String(err) };
+      const reply: CompressReply = { id: req.id, data: new ArrayBuffer(0), lengths: [], error: err instanceof Error ? err.message : String(err) };
       parentPort!.postMessage(reply);
     }
   })();

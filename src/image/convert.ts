@@ -14,6 +14,7 @@ import { Qcow2Device } from '../formats/qcow2/index.js';
 import { CompressPool } from './compress-pool.js';
 import { createImage, type ImageCreateOptions } from './create-target.js';
 import { isNbdUri, openTarget } from './open.js';
+import { setQcow2LazyRefcounts } from './qcow2-features.js';
 import { deviceTarget, transfer, type TransferStats, type TransferTarget } from './transfer.js';
 
 export interface ConvertOptions {
@@ -63,7 +64,11 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
   try {
     const sizeBytes = src.device.sizeBytes;
     const fresh = !targetIsNbd && o.skipCreate !== true;
-    if (fresh) await createImage(o.target, targetFormat, sizeBytes, o.create);
+    // A fresh qcow2 v3 target is written with lazy refcounts (no flush per allocating write)
+    // and switched back to what was asked for once complete.
+    const q = o.create?.qcow2;
+    const lazyWhileWriting = fresh && targetFormat === 'qcow2' && (q?.compat ?? '1.1') === '1.1' && q?.lazyRefcounts !== true;
+    if (fresh) await createImage(o.target, targetFormat, sizeBytes, lazyWhileWriting ? { ...o.create, qcow2: { ...q, lazyRefcounts: true } } : o.create);
     // The target reads its backing file for -B (only what differs is written), so allow its directory.
     const backingPath = backing === undefined ? undefined : isAbsolute(backing) ? backing : resolve(dirname(resolve(o.target)), backing);
     const opened = await openTarget(o.target, {
@@ -99,6 +104,10 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       onProgress: (done) => o.onProgress?.(done, sizeBytes),
     });
     await backend.flush();
+    const d = dst;
+    dst = undefined;
+    await d.close();
+    if (lazyWhileWriting) await setQcow2LazyRefcounts(o.target, false);
     return { ...stats, sizeBytes, targetFormat };
   } finally {
     await pool?.close();

@@ -222,10 +222,9 @@ async function writeGrains(o: TransferOptions, stats: TransferStats, dst: Transf
     for (let c = a; c < b; c += o.grainBytes) toCompress.push({ buf: data.subarray(c, Math.min(b, c + o.grainBytes)), offset: offset + c });
   }
   if (toCompress.length > 0) {
-    const g = o.grainBytes;
-    // Each cluster is compressed whole: a short last cluster is padded as the driver would.
-    const inputs = toCompress.map((x) => (x.buf.length === g ? Buffer.from(x.buf) : Buffer.concat([x.buf, Buffer.alloc(g - x.buf.length)])));
-    const packed = await o.compress!.pool.compress(o.compress!.type, inputs);
+    // Each cluster is compressed whole: a short last cluster is padded with zeros, as the driver
+    // would (the pool copies the clusters into a zero-filled batch).
+    const packed = await o.compress!.pool.compress(o.compress!.type, toCompress.map((x) => x.buf), o.grainBytes);
     for (let i = 0; i < toCompress.length; i++) {
       const x = toCompress[i]!;
       writes.push(dst.writeCompressed!(x.buf, x.offset, packed[i] ?? null));

@@ -1,16 +1,14 @@
 // Detecting all-zero data, so that data blocks that turn out to be zeros are never written
 // (qemu-img convert's sparse detection, -S).
 
-/** True when every byte of `buf` is zero; compares 8 bytes at a time when aligned. */
+const ZEROS = Buffer.alloc(64 * 1024);
+
+/** True when every byte of `buf` is zero: memcmp against a zero block, 64 KiB at a time. */
 export function isAllZero(buf: Uint8Array): boolean {
-  const words = buf.length >>> 3;
-  if (buf.byteOffset % 8 === 0) {
-    const view = new BigUint64Array(buf.buffer, buf.byteOffset, words);
-    for (let i = 0; i < words; i++) if (view[i] !== 0n) return false;
-    for (let i = words << 3; i < buf.length; i++) if (buf[i] !== 0) return false;
-    return true;
+  for (let pos = 0; pos < buf.length; pos += ZEROS.length) {
+    const n = Math.min(ZEROS.length, buf.length - pos);
+    if (Buffer.compare(buf.subarray(pos, pos + n), n === ZEROS.length ? ZEROS : ZEROS.subarray(0, n)) !== 0) return false;
   }
-  for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
   return true;
 }
 

@@ -129,3 +129,19 @@ test('convert refuses -c for a non-qcow2 target and an NBD source with -f qcow2'
   const r2 = await runImgbd(['convert', '-f', 'qcow2', 'nbd+unix:///?socket=/nonexistent', join(dir, 'c.raw')]);
   assert.equal(r2.code, 64, r2.stderr);
 });
+
+test('convert to qcow2 keeps the asked-for lazy_refcounts setting and leaves the image clean', async (t) => {
+  if (!requirePeers(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'a.raw');
+  writeMixedRaw(raw, 4);
+  for (const lazy of ['off', 'on']) {
+    const out = join(dir, `lazy-${lazy}.qcow2`);
+    await runImgbdOk(['convert', '-O', 'qcow2', '-o', `lazy_refcounts=${lazy}`, raw, out]);
+    const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', out])) as { 'dirty-flag': boolean; 'format-specific': { data: { 'lazy-refcounts': boolean; corrupt: boolean } } };
+    assert.equal(info['format-specific'].data['lazy-refcounts'], lazy === 'on');
+    assert.equal(info['dirty-flag'], false);
+    await qemuCheckClean(out, 'qcow2');
+    assert.equal((await qemuCompare(raw, 'raw', out, 'qcow2')).code, 0);
+  }
+});

@@ -1,0 +1,129 @@
+// Conversion rows for `npm run bench`: imgbd convert against qemu-img convert (its defaults, and
+// -m 8 -W) on one image of mixed content (random data, text-like compressible data, written
+// zeros, holes): qcow2 -> raw, raw -> qcow2, raw -> qcow2 -c with zlib and zstd. Every imgbd
+// output is checked with qemu-img compare. Wall-clock seconds, best of BENCH_CONVERT_RUNS.
+
+import { spawn } from 'node:child_process';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, statSync, writeSync } from 'node:fs';
+import { randomFillSync } from 'node:crypto';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+const MiB = 1024 * 1024;
+
+interface Tool {
+  readonly name: string;
+  readonly argv: (from: string, fromFmt: string, to: string, toFmt: string, extra: readonly string[]) => [string, string[]];
+}
+
+interface ConvertRow {
+  readonly label: string;
+  readonly from: 'raw' | 'qcow2';
+  readonly to: 'raw' | 'qcow2';
+  readonly extra: readonly string[];
+}
+
+const IMGBD = resolve('dist/src/cli/main.js');
+
+const TOOLS: readonly Tool[] = [
+  { name: 'imgbd', argv: (f, ff, t, tf, x) => [process.execPath, [IMGBD, 'convert', '-q', '-f', ff, '-O', tf, ...x, f, t]] },
+  { name: 'imgbd 1 thread', argv: (f, ff, t, tf, x) => [process.execPath, [IMGBD, 'convert', '-q', '--threads', '1', '-f', ff, '-O', tf, ...x, f, t]] },
+  { name: 'qemu-img', argv: (f, ff, t, tf, x) => ['qemu-img', ['convert', '-f', ff, '-O', tf, ...x, f, t]] },
+  { name: 'qemu-img -m 8 -W', argv: (f, ff, t, tf, x) => ['qemu-img', ['convert', '-m', '8', '-W', '-f', ff, '-O', tf, ...x, f, t]] },
+];
+
+const ROWS: readonly ConvertRow[] = [
+  { label: 'qcow2 -> raw', from: 'qcow2', to: 'raw', extra: [] },
+  { label: 'raw -> qcow2', from: 'raw', to: 'qcow2', extra: [] },
+  { label: 'raw -> qcow2 -c zlib', from: 'raw', to: 'qcow2', extra: ['-c', '-o', 'compression_type=zlib'] },
+  { label: 'raw -> qcow2 -c zstd', from: 'raw', to: 'qcow2', extra: ['-c', '-o', 'compression_type=zstd'] },
+];
+
+/** Per MiB, cycling: random, text-like, written zeros, hole. */
+export function makeMixed(path: string, sizeBytes: number): void {
+  const fd = openSync(path, 'w');
+  try {
+    ftruncateSync(fd, sizeBytes);
+    const words = ['block', 'device', 'cluster', 'sector', 'qcow2', 'image', 'extent', 'refcount', '\n'];
+    const text = Buffer.alloc(MiB);
+    let p = 0;
+    let i = 0;
+    while (p < MiB) p += text.write(`${words[(i++ * 7) % words.length]!}${i % 13} `, p);
+    const rnd = Buffer.alloc(MiB);
+    const zeros = Buffer.alloc(MiB);
+    for (let off = 0, m = 0; off < sizeBytes; off += MiB, m++) {
+      const kind = m % 4;
+      if (kind === 3) continue;
+      if (kind === 0) randomFillSync(rnd);
+      writeSync(fd, kind === 0 ? rnd : kind === 1 ? text : zeros, 0, Math.min(MiB, sizeBytes - off), off);
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function runTimed(cmd: string, args: string[]): Promise<number> {
+  return new Promise((resolvePromise, reject) => {
+    const start = process.hrtime.bigint();
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      if (code !== 0) reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`));
+      else resolvePromise(Number(process.hrtime.bigint() - start) / 1e9);
+    });
+  });
+}
+
+export async function runConvertBench(only: readonly string[]): Promise<void> {
+  if (only.length > 0 && !only.some((o) => 'convert'.includes(o) || o.includes('convert'))) return;
+  const sizeBytes = Number(process.env.BENCH_CONVERT_SIZE ?? 1024 ** 3);
+  const runs = Number(process.env.BENCH_CONVERT_RUNS ?? 1);
+  const dir = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'imgbd-bench-convert-'));
+  try {
+    const src = { raw: join(dir, 'mixed.raw'), qcow2: join(dir, 'mixed.qcow2') };
+    makeMixed(src.raw, sizeBytes);
+    await runTimed('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', src.raw, src.qcow2]);
+    const table: { row: ConvertRow; seconds: Map<string, number>; sizes: Map<string, number> }[] = [];
+    for (const row of ROWS) {
+      const seconds = new Map<string, number>();
+      const sizes = new Map<string, number>();
+      for (const tool of TOOLS) {
+        if (tool.name === 'imgbd 1 thread' && !row.extra.includes('-c')) continue;
+        const out = join(dir, `out.${row.to}`);
+        let best = Infinity;
+        try {
+          for (let r = 0; r < runs; r++) {
+            rmSync(out, { force: true });
+            const [cmd, args] = tool.argv(src[row.from], row.from, out, row.to, row.extra);
+            best = Math.min(best, await runTimed(cmd, args));
+          }
+          if (tool.name.startsWith('imgbd')) await runTimed('qemu-img', ['compare', '-q', '-f', row.from, '-F', row.to, src[row.from], out]);
+          seconds.set(tool.name, best);
+          sizes.set(tool.name, statSync(out).blocks * 512);
+          process.stderr.write(`${tool.name.padEnd(18)} ${row.label.padEnd(24)} ${best.toFixed(2)} s\n`);
+        } catch (err) {
+          process.stderr.write(`${tool.name}: ${row.label}: ${(err as Error).message}\n`);
+        } finally {
+          rmSync(out, { force: true });
+        }
+      }
+      table.push({ row, seconds, sizes });
+    }
+    const gib = sizeBytes / 1024 ** 3;
+    const cell = (s: number | undefined): string => (s === undefined ? 'n/a' : `${s.toFixed(2)} s (${(gib / s).toFixed(2)} GiB/s)`);
+    const speed = (a: number | undefined, b: number | undefined): string => (a && b ? `${(b / a).toFixed(2)}x` : 'n/a');
+    const header = ['convert', ...TOOLS.map((t) => t.name), 'imgbd vs qemu-img', 'imgbd vs qemu-img -m 8 -W', 'output imgbd / qemu-img'];
+    console.log(`\nconvert, ${gib.toFixed(2)} GiB image (random, text, written zeros, holes; ${availableParallelism()} cores); speed ratios > 1: imgbd faster`);
+    console.log(`| ${header.join(' | ')} |`);
+    console.log(`|${header.map(() => '---').join('|')}|`);
+    for (const { row, seconds, sizes } of table) {
+      const im = seconds.get('imgbd');
+      const sz = sizes.get('imgbd') && sizes.get('qemu-img') ? `${(sizes.get('imgbd')! / MiB).toFixed(0)} / ${(sizes.get('qemu-img')! / MiB).toFixed(0)} MiB` : 'n/a';
+      console.log(`| ${[row.label, ...TOOLS.map((t) => cell(seconds.get(t.name))), speed(im, seconds.get('qemu-img')), speed(im, seconds.get('qemu-img -m 8 -W')), sz].join(' | ')} |`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
