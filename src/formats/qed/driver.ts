@@ -182,6 +182,16 @@ export class QedDevice implements BlockDevice {
     return this.header.imageSize;
   }
 
+  /**
+   * The consistency check on demand (qemu-img check), read-only: nothing is repaired, the
+   * caller's open decides that. Runs under the write lock so no allocation is half done.
+   */
+  async check(): Promise<QedCheckResult> {
+    return this.writeLock.run(async () =>
+      checkQed({ file: this.file, geometry: this.geometry, l1TableOffset: this.header.l1TableOffset, l1: Buffer.from(this.l1), fileSize: await this.file.size(), fix: false }),
+    );
+  }
+
   /** True while QED_F_NEED_CHECK is set in the on-disk header. */
   get needCheck(): boolean {
     return (this.header.features & QED_F.NEED_CHECK) !== 0;
