@@ -19,8 +19,7 @@ import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
 import { writeZeros } from '../../block/zero-buffer.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import type { HostFile } from '../../io/host-file.js';
-import { isNotSupported } from '../../sys/errno.js';
-import { fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../sys/libc.js';
+import { FileZeroing } from '../../io/file-zeroing.js';
 import { TableCache } from '../qcow2/l2-cache.js';
 import { Mutex } from '../qcow2/locks.js';
 import { checkQed, type QedCheckResult } from './check.js';
@@ -48,8 +47,6 @@ export interface QedOpenOptions {
 }
 
 const DEFAULT_TABLE_CACHE_BYTES = 8 * 1024 * 1024;
-const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 
 /** One guest cluster touched by a write. */
 interface WritePiece {
@@ -76,8 +73,7 @@ export class QedDevice implements BlockDevice {
   /** Cluster-aligned end of the file: where the next cluster is appended. */
   private fileEnd: number;
   private closed = false;
-  private punchUnsupported = false;
-  private zeroRangeUnsupported = false;
+  private readonly zeroing: FileZeroing;
 
   private constructor(init: {
     file: HostFile;
@@ -91,6 +87,7 @@ export class QedDevice implements BlockDevice {
     tableCacheBytes: number;
   }) {
     this.file = init.file;
+    this.zeroing = new FileZeroing(this.file);
     this.header = init.header;
     this.readOnly = init.readOnly;
     this.backing = init.backing;
@@ -490,26 +487,8 @@ export class QedDevice implements BlockDevice {
     await this.link(toZeroCluster);
   }
 
-  private async zeroHost(hostOffset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
-    const fd = this.file.fd;
-    if (punch && !this.punchUnsupported) {
-      try {
-        return await fallocate(fd, PUNCH, hostOffset, length);
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.punchUnsupported = true;
-      }
-    }
-    if (!this.zeroRangeUnsupported) {
-      try {
-        return await fallocate(fd, ZERO_RANGE, hostOffset, length);
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.zeroRangeUnsupported = true;
-      }
-    }
-    if (fast) throw new RequestError('ENOTSUP', 'qed: the host file system cannot zero ranges without writing');
-    await writeZeros((b, o) => this.file.pwrite(b, o), hostOffset, length);
+  private zeroHost(hostOffset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
+    return this.zeroing.zero(hostOffset, length, { mayPunch: punch, fast, what: 'qed' });
   }
 
   // ---- flush, resize, close ------------------------------------------------------------------

@@ -16,6 +16,7 @@ import {
 } from '../../block/device.js';
 import { writeZeros } from '../../block/zero-buffer.js';
 import { RequestError } from '../../errors.js';
+import { FileZeroing } from '../../io/file-zeroing.js';
 import { HostFile } from '../../io/host-file.js';
 import { isNotSupported } from '../../sys/errno.js';
 import {
@@ -25,10 +26,6 @@ import {
   blockDevicePhysicalSectorSize,
   blockDeviceSize,
   blockDeviceZeroOut,
-  fallocate,
-  FALLOC_FL_KEEP_SIZE,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
 } from '../../sys/libc.js';
 import { preadNowait } from '../../sys/nowait.js';
 import { isRotational } from '../../sys/rotational.js';
@@ -43,8 +40,6 @@ export interface RawOpenOptions {
   readonly probedRaw?: boolean;
 }
 
-const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 const fstat = promisify(fstatCb) as (fd: number) => Promise<Stats>;
 
 export class RawDevice implements BlockDevice {
@@ -57,13 +52,13 @@ export class RawDevice implements BlockDevice {
   /** Logical sector size of a block device (1 for files): discard/zero-out must align to it. */
   private readonly sectorBytes: number;
   // Remembered refusals, so an unsupported fallocate mode costs one syscall, not one per request.
-  private punchUnsupported = false;
-  private zeroRangeUnsupported = false;
+  private readonly zeroing: FileZeroing;
   private seekUnsupported = false;
 
   constructor(file: HostFile, sizeBytes: number, sectorBytes: number, physicalBytes: number, probedRaw: boolean, rotational = false) {
     this.file = file;
     this.fd = file.fd;
+    this.zeroing = new FileZeroing(file);
     this.sizeBytes = sizeBytes;
     this.sectorBytes = sectorBytes;
     const writable = !file.readOnly;
@@ -153,12 +148,12 @@ export class RawDevice implements BlockDevice {
         const start = alignUp(offset, this.sectorBytes);
         const end = alignDown(offset + length, this.sectorBytes);
         if (end > start) await blockDeviceDiscard(this.fd, start, end - start);
-      } else if (!this.punchUnsupported) {
-        await fallocate(this.fd, PUNCH, offset, length);
+      } else {
+        // A file system without hole punching simply keeps the data: trim is only a hint.
+        await this.zeroing.punch(offset, length);
       }
     } catch (e) {
       if (!isNotSupported(e)) throw e;
-      if (!this.file.isBlockDevice) this.punchUnsupported = true;
     }
   }
 
@@ -176,42 +171,16 @@ export class RawDevice implements BlockDevice {
   }
 
   /** True when a fallocate mode did the zeroing; false when only writing zeros is left. */
-  private async zeroFile(offset: number, length: number, mayTrim: boolean): Promise<boolean> {
-    if (mayTrim && !this.punchUnsupported) {
-      try {
-        await fallocate(this.fd, PUNCH, offset, length);
-        return true;
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.punchUnsupported = true;
-      }
-    }
-    if (!this.zeroRangeUnsupported) {
-      try {
-        await fallocate(this.fd, ZERO_RANGE, offset, length);
-        return true;
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.zeroRangeUnsupported = true;
-      }
-    }
-    return false;
+  private zeroFile(offset: number, length: number, mayTrim: boolean): Promise<boolean> {
+    return this.zeroing.zeroWithoutWriting(offset, length, mayTrim);
   }
 
   private async zeroBlockDevice(offset: number, length: number, mayTrim: boolean, fast: boolean): Promise<boolean> {
     // Unaligned ranges cannot go to the device's zeroing commands.
     if (offset % this.sectorBytes !== 0 || length % this.sectorBytes !== 0) return false;
-    if (mayTrim && !this.punchUnsupported) {
-      // On a block device, PUNCH_HOLE is "write zeroes, may unmap, never fall back to writing":
-      // exactly a fast zero.
-      try {
-        await fallocate(this.fd, PUNCH, offset, length);
-        return true;
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.punchUnsupported = true;
-      }
-    }
+    // On a block device, PUNCH_HOLE is "write zeroes, may unmap, never fall back to writing":
+    // exactly a fast zero.
+    if (mayTrim && (await this.zeroing.punch(offset, length))) return true;
     // BLKZEROOUT may silently fall back to writing zeros in the kernel, so it is not "fast".
     if (fast) return false;
     try {

@@ -13,11 +13,9 @@
 
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
-import { writeZeros } from '../../block/zero-buffer.js';
 import { CorruptImageError, RequestError } from '../../errors.js';
 import type { HostFile } from '../../io/host-file.js';
-import { isNotSupported } from '../../sys/errno.js';
-import { fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../sys/libc.js';
+import { FileZeroing } from '../../io/file-zeroing.js';
 import { Mutex } from '../qcow2/locks.js';
 import { parseVdiHeader, VDI_BLOCKS_ALLOCATED_OFFSET, VDI_DISCARDED, VDI_HEADER_BYTES, VDI_TYPE, type VdiHeader } from './header.js';
 import { formatVdiUuid } from './uuid.js';
@@ -26,8 +24,6 @@ export interface VdiOpenOptions {
   readonly readOnly?: boolean;
 }
 
-const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-const ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 
 export class VdiDevice implements BlockDevice {
   readonly sizeBytes: number;
@@ -43,11 +39,11 @@ export class VdiDevice implements BlockDevice {
   private blocksAllocated: number;
   private readonly writeLock = new Mutex();
   private closed = false;
-  private punchUnsupported = false;
-  private zeroRangeUnsupported = false;
+  private readonly zeroing: FileZeroing;
 
   private constructor(file: HostFile, rawHeader: Buffer, header: VdiHeader, map: Buffer, readOnly: boolean, repairedLeakedBlocks: number) {
     this.file = file;
+    this.zeroing = new FileZeroing(this.file);
     this.repairedLeakedBlocks = repairedLeakedBlocks;
     this.rawHeader = rawHeader;
     this.header = header;
@@ -225,26 +221,8 @@ export class VdiDevice implements BlockDevice {
     }
   }
 
-  private async zeroHost(hostOffset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
-    const fd = this.file.fd;
-    if (punch && !this.punchUnsupported) {
-      try {
-        return await fallocate(fd, PUNCH, hostOffset, length);
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.punchUnsupported = true;
-      }
-    }
-    if (!this.zeroRangeUnsupported) {
-      try {
-        return await fallocate(fd, ZERO_RANGE, hostOffset, length);
-      } catch (e) {
-        if (!isNotSupported(e)) throw e;
-        this.zeroRangeUnsupported = true;
-      }
-    }
-    if (fast) throw new RequestError('ENOTSUP', 'vdi: the host file system cannot zero ranges without writing');
-    await writeZeros((b, o) => this.file.pwrite(b, o), hostOffset, length);
+  private zeroHost(hostOffset: number, length: number, punch: boolean, fast: boolean): Promise<void> {
+    return this.zeroing.zero(hostOffset, length, { mayPunch: punch, fast, what: 'vdi' });
   }
 
   async flush(): Promise<void> {
