@@ -36,6 +36,11 @@ export interface ConvertOptions {
   readonly skipCreate?: boolean;
   /** Passed to the source's driver: where its backing files may live. */
   readonly allowBacking?: readonly string[] | boolean;
+  /**
+   * Skip the final flush (qemu-img's default cache mode for convert targets, "unsafe"): the
+   * target may not be on disk when convert returns. Default false: flushed before returning.
+   */
+  readonly noFlush?: boolean;
   readonly onProgress?: (doneBytes: number, totalBytes: number) => void;
 }
 
@@ -103,7 +108,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       compress,
       onProgress: (done) => o.onProgress?.(done, sizeBytes),
     });
-    await backend.flush();
+    if (o.noFlush !== true) await backend.flush();
     const d = dst;
     dst = undefined;
     await d.close();

@@ -20,6 +20,7 @@ interface ConvertCliOptions {
   skipCreate?: boolean;
   progress?: boolean;
   threads?: string;
+  cache?: string;
   json?: boolean;
   quiet?: boolean;
 }
@@ -66,6 +67,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   if (backingFile !== undefined && backingFormat === undefined) throw new UsageError('-B needs the backing format too (-F FORMAT), so it is recorded rather than guessed');
   const workers = c.coroutines !== undefined ? parseCount(c.coroutines, '-m', 1, 64) : 8;
   const threads = c.threads !== undefined ? parseCount(c.threads, '--threads', 1, 256) : undefined;
+  if (c.cache !== undefined && c.cache !== 'writeback' && c.cache !== 'unsafe') throw new UsageError(`-t ${c.cache}: use writeback (flush at the end, the default) or unsafe (no flush)`);
   const showProgress = c.quiet !== true && (c.progress === true || process.stderr.isTTY === true);
   const bar = showProgress ? new SingleBar({ format: 'converting [{bar}] {percentage}% | {value}/{total} MiB | ETA {eta}s', stream: process.stderr }) : undefined;
   let started = false;
@@ -80,6 +82,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
     workers,
     threads,
     skipCreate: c.skipCreate === true,
+    noFlush: c.cache === 'unsafe',
     onProgress: (done, total) => {
       if (!bar) return;
       if (!started) {
