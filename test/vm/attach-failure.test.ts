@@ -25,7 +25,7 @@ ${guestNodeCommand(new URL('./guest/attach-failure-guest', import.meta.url))}
 `;
 }
 
-test('kernel VM: attach failure paths — kill -9, watched process, signals, ioctl, multi-conn', { timeout: 900_000 }, async (t) => {
+test('kernel VM: attach failure paths — kill -9, watched process, signals, ioctl, multi-conn', { timeout: 960_000 }, async (t) => {
   if (!requireVm(t) || !requirePeers(t, 'mkfs.ext4', 'e2fsck', 'debugfs')) return;
   const dir = tempDir(t, 'imgbd-vm-attach-fail-');
   for (const name of ['k.img', 'w.img']) {
@@ -33,7 +33,7 @@ test('kernel VM: attach failure paths — kill -9, watched process, signals, ioc
     execFileSync('mkfs.ext4', ['-q', '-F', join(dir, name)]);
   }
   execFileSync('truncate', ['-s', String(32 * MiB), join(dir, 'i.img')]);
-  const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 600_000, memoryMb: 2048 });
+  const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 840_000, memoryMb: 2048 });
   t.diagnostic(`boot to poweroff: ${r.elapsedMs} ms; ${vmTimings(r).map((x) => `${x.timing} ${x.ms} ms`).join(', ')}`);
   const io = vmChecks(r, 'attach-failure').find((c) => c.check === 'kill9-io-fails-within-timeout');
   if (io) t.diagnostic(`after kill -9 (timeout 5 s): ${JSON.stringify(io.detail)}`);

@@ -41,11 +41,11 @@ function sha256(data: Buffer): string {
   return execFileSync('sha256sum', { input: data }).toString().split(' ')[0]!;
 }
 
-test('kernel VM: imgbd attach of raw, qcow2, concurrent and partitioned images', { timeout: 900_000 }, async (t) => {
+test('kernel VM: imgbd attach of raw, qcow2, concurrent and partitioned images', { timeout: 960_000 }, async (t) => {
   if (!requireVm(t) || !requirePeers(t, 'qemu-img', 'sfdisk', 'e2fsck', 'debugfs')) return;
   const dir = tempDir(t, 'imgbd-vm-attach-');
   prepareImages(dir);
-  const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 600_000, memoryMb: 2048 });
+  const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 840_000, memoryMb: 2048 });
   t.diagnostic(`boot to poweroff: ${r.elapsedMs} ms; ${vmTimings(r).map((x) => `${x.timing} ${x.ms} ms`).join(', ')}`);
   const sumsFile = join(dir, 'sums.json');
   const sums = (existsSync(sumsFile) ? JSON.parse(readFileSync(sumsFile, 'utf8')) : {}) as Record<string, string>;
