@@ -244,9 +244,9 @@ Examples:
 
   program
     .command('check')
-    .summary('check a qcow2 image for corruptions and leaked clusters')
+    .summary('check a qcow2, qed or vdi image for corruptions and leaked clusters')
     .description(
-      'Check the metadata of a qcow2 image, as qemu-img check does. Exit status: 0 no problems, ' +
+      'Check the metadata of a qcow2 (or qed, vdi) image, as qemu-img check does. Exit status: 0 no problems, ' +
         '2 corruptions, 3 leaked clusters only, 1 the check could not be completed, 63 the format has ' +
         'nothing to check (raw). -r leaks reclaims leaked clusters (safe); -r all also repairs ' +
         'corruptions (work on a copy first).\n\n' +

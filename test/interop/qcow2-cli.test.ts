@@ -3,7 +3,7 @@
 // info and check say what qemu-img says; check exits with qemu-img's codes.
 
 import { strict as assert } from 'node:assert';
-import { existsSync, openSync, writeSync, closeSync, ftruncateSync, statSync } from 'node:fs';
+import { existsSync, openSync, readFileSync, writeSync, closeSync, ftruncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
@@ -346,5 +346,40 @@ describe('option and size parsing', () => {
     assert.equal(targetSize('-4k', 8192), 4096);
     assert.equal(targetSize('2G', 1), 2 * 1024 * MiB);
     assert.throws(() => targetSize('-1M', 4096), /smaller than nothing/);
+  });
+});
+
+describe('imgbd check on qed and vdi', () => {
+  it('exit status and corruption count as qemu-img check, clean and poked', async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const { VDI_BLOCKS_ALLOCATED_OFFSET } = await import('../../src/formats/vdi/header.js');
+    const dir = tempDir(t);
+    const qed = join(dir, 'a.qed');
+    const vdi = join(dir, 'a.vdi');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qed', qed, '4M']);
+    await runOk('qemu-img', ['create', '-q', '-f', 'vdi', vdi, '4M']);
+    for (const [img, f] of [[qed, 'qed'], [vdi, 'vdi']] as const) await runOk('qemu-io', ['-f', f, '-c', 'write -P 0x21 0 300k', img]);
+    const pokedVdi = join(dir, 'b.vdi');
+    await runOk('cp', [vdi, pokedVdi]);
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(readFileSync(vdi).readUInt32LE(VDI_BLOCKS_ALLOCATED_OFFSET) + 1);
+    poke(pokedVdi, VDI_BLOCKS_ALLOCATED_OFFSET, [...b]);
+    const pokedQed = join(dir, 'b.qed');
+    await runOk('cp', [qed, pokedQed]);
+    // L1 entry 0 (table at l1_table_offset, u64 LE at 40) moved off its cluster boundary.
+    const l1Offset = Number(readFileSync(qed).readBigUInt64LE(40));
+    const e = Buffer.alloc(8);
+    e.writeBigUInt64LE(readFileSync(qed).readBigUInt64LE(l1Offset) + 512n);
+    poke(pokedQed, l1Offset, [...e]);
+    for (const img of [qed, vdi, pokedVdi, pokedQed]) {
+      const theirs = await run('qemu-img', ['check', '--output=json', img]);
+      const ours = await runImgbd(['check', '--json', img]);
+      assert.equal(ours.code, theirs.code, `${img}: ${ours.stdout}${ours.stderr} vs ${theirs.stdout}${theirs.stderr}`);
+      const a = JSON.parse(ours.stdout) as Record<string, unknown>;
+      const q = JSON.parse(theirs.stdout) as Record<string, unknown>;
+      assert.equal(a.corruptions, q.corruptions, img);
+      assert.equal(a.leaks, q.leaks, img);
+      assert.equal(a.format, q.format, img);
+    }
   });
 });

@@ -4,6 +4,8 @@
 import { CorruptImageError, UsageError } from '../../errors.js';
 import { probeFormat, readProbeHead } from '../../formats/probe.js';
 import { openQcow2Path, type CheckMode, type CheckResult } from '../../formats/qcow2/index.js';
+import { openQedPath } from '../../formats/qed/format.js';
+import { openVdiPath } from '../../formats/vdi/format.js';
 
 interface CheckOptions {
   format?: string;
@@ -73,8 +75,9 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   }
   const head = await readProbeHead(file);
   const format = o.format ?? probeFormat(head);
+  if (format === 'qed' || format === 'vdi') return checkOther(file, format, mode, o);
   if (format !== 'qcow2') {
-    process.stderr.write(`imgbd: ${format} images have no metadata to check (only qcow2 is checked)\n`);
+    process.stderr.write(`imgbd: ${format} images have no metadata to check (qcow2, qed and vdi are checked)\n`);
     return CHECK_EXIT.UNSUPPORTED;
   }
   // Header bytes 4-7: version; 72-79: incompatible features, bit 0 = dirty (qcow2.txt).
@@ -108,4 +111,47 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   } finally {
     await dev.close();
   }
+}
+
+/** qed and vdi: report only (qed repairs itself on a writable open when its need-check bit is set). */
+async function checkOther(file: string, format: 'qed' | 'vdi', mode: CheckMode, o: CheckOptions): Promise<number> {
+  if (mode !== 'none') throw new UsageError(`-r is for qcow2 images; ${format} images are reported on, not repaired, by imgbd check`);
+  let corruptions: number;
+  let leaks = 0;
+  let problems: readonly string[] = [];
+  if (format === 'qed') {
+    const dev = await openQedPath(file, { readOnly: true, ignoreBacking: true });
+    try {
+      const r = await dev.check();
+      corruptions = r.invalidEntries + r.duplicateReferences;
+      leaks = r.leakedClusters;
+      problems = r.problems;
+    } finally {
+      await dev.close();
+    }
+  } else {
+    const dev = await openVdiPath(file, { readOnly: true });
+    try {
+      const r = dev.check();
+      corruptions = r.corruptions;
+      if (r.corruptions > 0) problems = [`ERROR: blocks_allocated is ${r.blocksAllocated} but the block map uses ${r.mappedBlocks} blocks`];
+    } finally {
+      await dev.close();
+    }
+  }
+  if (o.json) {
+    const j: Record<string, unknown> = { 'check-errors': 0 };
+    if (corruptions > 0) j.corruptions = corruptions;
+    if (leaks > 0) j.leaks = leaks;
+    j.filename = file;
+    j.format = format;
+    process.stdout.write(`${JSON.stringify(j, null, 4)}\n`);
+  } else if (!o.quiet) {
+    const lines = [...problems];
+    if (corruptions > 0) lines.push(`${corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+    if (leaks > 0) lines.push(`${leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+    if (corruptions === 0 && leaks === 0) lines.push('No errors were found on the image.');
+    process.stdout.write(`${lines.join('\n')}\n`);
+  }
+  return corruptions > 0 ? CHECK_EXIT.CORRUPT : leaks > 0 ? CHECK_EXIT.LEAKS : CHECK_EXIT.CLEAN;
 }
