@@ -346,6 +346,7 @@ Examples:
     .option('-W, --out-of-order', 'allow out-of-order writes (always done: accepted for qemu-img compatibility)')
     .option('-n, --skip-create', 'write into the existing target instead of creating it')
     .option('--threads <n>', 'compression threads (default: one per core)')
+    .option('--allow-backing <path>', "also allow the source's backing files under PATH (repeatable)", collect)
     .option('-t, --cache <mode>', 'writeback: flush the target before exiting (default); unsafe: do not (qemu-img\'s default)')
     .option('-p, --progress', 'show a progress bar even when not on a terminal')
     .option('-q, --quiet', 'no progress bar')

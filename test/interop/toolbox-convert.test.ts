@@ -145,3 +145,14 @@ test('convert to qcow2 keeps the asked-for lazy_refcounts setting and leaves the
     assert.equal((await qemuCompare(raw, 'raw', out, 'qcow2')).code, 0);
   }
 });
+
+test('convert refuses to write over its own source', async (t) => {
+  const dir = tempDir(t);
+  const raw = join(dir, 'a.raw');
+  writeMixedRaw(raw, 2);
+  const before = statSync(raw).size;
+  const r = await runImgbd(['convert', '-O', 'qcow2', raw, join(dir, '.', 'a.raw')]);
+  assert.equal(r.code, 64, r.stderr);
+  assert.match(r.stderr, /the source itself/);
+  assert.equal(statSync(raw).size, before);
+});

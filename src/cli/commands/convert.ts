@@ -21,6 +21,7 @@ interface ConvertCliOptions {
   progress?: boolean;
   threads?: string;
   cache?: string;
+  allowBacking?: string[];
   json?: boolean;
   quiet?: boolean;
 }
@@ -83,6 +84,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
     threads,
     skipCreate: c.skipCreate === true,
     noFlush: c.cache === 'unsafe',
+    ...(c.allowBacking ? { allowBacking: c.allowBacking } : {}),
     onProgress: (done, total) => {
       if (!bar) return;
       if (!started) {
