@@ -324,10 +324,12 @@ Examples:
     .command('convert')
     .summary('convert an image to another format (raw, qcow2, qed, vdi, NBD), sparse, optionally compressed')
     .description(
-      'Copy SRC into a new image DST, as qemu-img convert does. Holes, zero ranges and all-zero data are\n' +
-        'not written. -c compresses every data cluster of a qcow2 target (zlib, or zstd with\n' +
-        '-o compression_type=zstd) on one thread per core. -B makes DST an overlay of BACKING holding only\n' +
-        'what differs from it. Either side may be an NBD URI (an NBD target must exist; so must DST with -n).\n\n' +
+      'Copy SRC into a new image DST, as qemu-img convert does. Holes, zero ranges\n' +
+        'and all-zero data are not written. -c compresses every data cluster of a\n' +
+        'qcow2 target (zlib, or zstd with -o compression_type=zstd) on one thread per\n' +
+        'core. -B makes DST an overlay of BACKING holding only what differs from it.\n' +
+        'Either side may be an NBD URI (an NBD target must exist; so must DST with -n).\n' +
+        'DST is flushed before imgbd exits unless -t unsafe.\n\n' +
         'Examples:\n' +
         '  imgbd convert -O qcow2 disk.img disk.qcow2\n' +
         '  imgbd convert -c -O qcow2 -o compression_type=zstd disk.img small.qcow2\n' +
@@ -357,9 +359,10 @@ Examples:
     .command('compare')
     .summary('compare the guest-visible contents of two images')
     .description(
-      'Compare A and B as qemu-img compare does. Exit status: 0 identical, 1 different (the first differing\n' +
-        'offset is printed), 2 an error. Images of different sizes compare equal when the extra part of the\n' +
-        'larger one reads as zeros, unless -s (strict) is given.',
+      'Compare A and B as qemu-img compare does. Exit status: 0 identical,\n' +
+        '1 different (the first differing offset is printed), 2 an error. Images of\n' +
+        'different sizes compare equal when the extra part of the larger one reads as\n' +
+        'zeros, unless -s (strict) is given.',
     )
     .argument('<a>', 'first image or NBD URI')
     .argument('<b>', 'second image or NBD URI')
@@ -375,8 +378,9 @@ Examples:
     .command('commit')
     .summary("write an overlay's changes into its backing file")
     .description(
-      "Copy the data OVERLAY holds itself into its backing file (or, with -b, into BASE further down the\n" +
-        'chain, with everything in between), then empty OVERLAY as qemu-img commit does, unless -d.',
+      'Copy the data OVERLAY holds itself into its backing file (or, with -b, into\n' +
+        'BASE further down the chain, with everything in between), then empty OVERLAY\n' +
+        'as qemu-img commit does, unless -d (-b implies -d).',
     )
     .argument('<overlay>', 'qcow2 or qed overlay')
     .option('-f, --format <fmt>', "OVERLAY's format; probed when omitted")
@@ -391,9 +395,10 @@ Examples:
     .command('rebase')
     .summary('change the backing file of an overlay')
     .description(
-      'Make NEW the backing file of OVERLAY. Safe mode (the default) first copies into OVERLAY every range\n' +
-        'where the old backing chain and NEW differ, so the guest sees the same data. -u only rewrites the\n' +
-        'header (NEW must hold the same data). -b "" removes the backing file (safe mode copies it all in).',
+      'Make NEW the backing file of OVERLAY. Safe mode (the default) first copies\n' +
+        'into OVERLAY every range where the old backing chain and NEW differ, so the\n' +
+        'guest sees the same data. -u only rewrites the header (NEW must hold the same\n' +
+        'data). -b "" removes the backing file (safe mode copies it all in).',
     )
     .argument('<overlay>', 'qcow2 or qed overlay')
     .requiredOption('-b, --backing <file>', 'the new backing file ("" for none)')
