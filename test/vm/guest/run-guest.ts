@@ -1,0 +1,117 @@
+// The guest half of run.test.ts, as sh (kept in a .ts module so the compiled test tree
+// carries it). Expects SH_CHECK_PRELUDE, $IMGBD (the CLI command), $HELLO and $SHIM_MODE.
+
+export const RUN_GUEST_SCRIPT = String.raw`
+S="$IMGBD_VM_SCRATCH"
+modprobe nbd nbds_max=16 max_part=16
+mkdir -p /tmp/m5
+
+# pid of the process whose argv is exactly "$*"
+pid_of() {
+  want="$* "
+  for p in /proc/[0-9]*; do
+    [ "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" = "$want" ] && { basename "$p"; return 0; }
+  done
+  return 1
+}
+no_nbd_connected() { ! ls /sys/block/nbd*/pid >/dev/null 2>&1; }
+no_ext4_mounted() { ! grep -q ' - ext4 ' /proc/self/mountinfo; }
+sleep_gone() { ! pid_of sleep "$1" >/dev/null; }
+line() { printf '%s\n' "$1" | sed -n "$2p"; }
+
+SUITE=run
+A=$($IMGBD run nbd:$S/rootfs.qcow2:1 -- sh -c 'cat /etc/hello; echo "pid=$$ host=$(hostname) mnt=$(readlink /proc/self/ns/mnt) pidns=$(readlink /proc/self/ns/pid)"; echo "dev=$(ls /dev | tr "\n" " ")"; if touch /etc/x 2>/dev/null; then echo rw; else echo ro; fi; exit 7' 2>/tmp/runA.err)
+rcA=$?
+timing run-first
+check run-output test "$(line "$A" 1)" = "$HELLO"
+check run-status-7 sh -c "test $rcA -eq 7 || { echo rc=$rcA; cat /tmp/runA.err; exit 1; }"
+L2=$(line "$A" 2)
+check run-pid1-and-namespaces sh -c "case '$L2' in 'pid=1 host=imgbd mnt='*) ;; *) echo '$L2'; exit 1;; esac; test '$(readlink /proc/self/ns/mnt)' != \"\$(echo '$L2' | sed 's/.*mnt=\([^ ]*\).*/\1/')\" && test '$(readlink /proc/self/ns/pid)' != \"\$(echo '$L2' | sed 's/.*pidns=//')\""
+check run-dev-minimal test "$(line "$A" 3)" = "dev=fd full null ptmx pts random shm stderr stdin stdout tty urandom zero "
+check run-readonly-root test "$(line "$A" 4)" = ro
+$IMGBD run nbd:$S/rootfs.qcow2:1 no-such-command 2>/tmp/run127.err
+rc=$?
+check run-not-found-127 sh -c "test $rc -eq 127 && grep -q 'no-such-command' /tmp/run127.err || { echo rc=$rc; cat /tmp/run127.err; exit 1; }"
+check after-run-nothing-left sh -c 'no_nbd_connected() { ! ls /sys/block/nbd*/pid >/dev/null 2>&1; }; no_nbd_connected && ! grep -q " - ext4 " /proc/self/mountinfo && ! ls /run/imgbd/nbd*.json 2>/dev/null'
+timing run-checks
+
+imgbd_bg run nbd:$S/rootfs.qcow2:1 sleep 300 2>/tmp/runT.err &
+P=$!
+wait_for 60 pid_of sleep 300 >/dev/null
+kill -TERM $P; sleep 1; kill -TERM $P
+wait $P
+rc=$?
+check run-sigterm-twice-137 sh -c "test $rc -eq 137 || { echo rc=$rc; cat /tmp/runT.err; exit 1; }"
+
+$IMGBD run --rw nbd:$S/rw.qcow2:1 -- sh -c 'echo "written inside the container" > /root/written' 2>/tmp/runW.err
+rc=$?
+check run-rw-write sh -c "test $rc -eq 0 || { echo rc=$rc; cat /tmp/runW.err; exit 1; }"
+timing run-signal-rw
+
+imgbd_bg run nbd:$S/rootfs.qcow2:1 sleep 600 2>/tmp/runK.err &
+P=$!
+check sigkill-cmd-running wait_for 60 pid_of sleep 600
+SUP=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' /run/imgbd/nbd*.json | head -1)
+kill -9 $P
+timing sigkill-start
+check sigkill-cmd-gone wait_for 20 sleep_gone 600
+check sigkill-device-released wait_for 30 no_nbd_connected
+check sigkill-supervisor-gone sh -c "test -n '$SUP' && ! kill -0 $SUP 2>/dev/null || { echo sup=$SUP; exit 1; }"
+check sigkill-nothing-mounted no_ext4_mounted
+timing sigkill-teardown
+wait $P 2>/dev/null
+
+SUITE=shim
+rm -rf /tmp/shimbin
+check install-shim $IMGBD qemu-nbd --install-shim /tmp/shimbin
+QN=/tmp/shimbin/qemu-nbd
+export IMGBD_SHIM_MODE="$SHIM_MODE"
+$QN -c /dev/nbd5 $S/shim.qcow2 2>/tmp/qn5.err &
+QP=$!
+check c-partition-node wait_for 60 sh -c 'test -e /sys/block/nbd5/pid && test -b /dev/nbd5p1 && test -e /sys/block/nbd5/nbd5p1'
+check c-busy-refused sh -c "! $QN -c /dev/nbd5 $S/rootfs.qcow2 2>&1 | grep -q . || $QN -c /dev/nbd5 $S/rootfs.qcow2 2>&1 | grep -qi 'connected\|busy'; ! $QN -c /dev/nbd5 $S/rootfs.qcow2 >/dev/null 2>&1"
+check c-mount-read sh -c "mount /dev/nbd5p1 /tmp/m5 && test \"\$(cat /tmp/m5/etc/hello)\" = '$HELLO' && echo shim > /tmp/m5/root/shim && umount /tmp/m5"
+timing shim-connect
+check d-disconnects sh -c "test \"\$($QN -d /dev/nbd5)\" = '/dev/nbd5 disconnected'"
+wait $QP
+rc=$?
+check c-exit-0 sh -c "test $rc -eq 0 || { echo rc=$rc; cat /tmp/qn5.err; exit 1; }"
+check d-released sh -c 'test ! -e /sys/block/nbd5/pid && test "$(cat /sys/block/nbd5/size)" = 0'
+check d-unconnected-ok $QN -d /dev/nbd5
+timing shim-disconnect
+
+SUITE=lxc
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+mkdir -p /tmp/lxcbin /tmp/lxc/c1
+ln -sf /tmp/shimbin/qemu-nbd /tmp/lxcbin/qemu-nbd
+printf '#!/bin/sh\necho "$0 $*" >> /tmp/real-qemu-nbd-called\nexit 1\n' > /tmp/fake-qemu-nbd
+chmod +x /tmp/fake-qemu-nbd
+# The real qemu-nbd must not be what LXC runs: anything reaching it only leaves a trace.
+mount --bind /tmp/fake-qemu-nbd /usr/bin/qemu-nbd
+# LXC polls for /dev/nbdNpM to exist: nodes left by earlier attaches (no udev) would fool it.
+rm -f /dev/nbd*p*
+cat > /tmp/lxc/c1/config <<EOF
+lxc.uts.name = c1
+lxc.rootfs.path = nbd:$S/lxc.qcow2:1
+lxc.init.cmd = /etc/lxc-init
+lxc.apparmor.profile = unconfined
+lxc.net.0.type = empty
+lxc.console.path = none
+lxc.tty.max = 0
+lxc.pty.max = 1
+lxc.mount.auto = proc:mixed sys:ro
+lxc.autodev = 1
+EOF
+if [ -x /usr/bin/lxc-start ]; then
+  OUT=$(PATH=/tmp/lxcbin /usr/bin/timeout 240 /usr/bin/lxc-start -n c1 -P /tmp/lxc -F -l DEBUG -o /tmp/lxc/c1.log 2>&1 </dev/null)
+  rc=$?
+  timing lxc-start
+  check lxc-start sh -c "test $rc -eq 0 || { echo rc=$rc; echo '$OUT' | tail -5; grep -E 'ERROR|WARN' /tmp/lxc/c1.log | tail -15; exit 1; }"
+  check lxc-output sh -c "printf '%s\\n' '$OUT' | grep -qx '$HELLO' || { echo 'output:'; echo '$OUT'; exit 1; }"
+  check lxc-real-qemu-nbd-unused sh -c 'test ! -e /tmp/real-qemu-nbd-called || cat /tmp/real-qemu-nbd-called'
+  check lxc-device-released wait_for 30 no_nbd_connected
+  cp /tmp/lxc/c1.log "$S/lxc.log" 2>/dev/null
+fi
+umount /usr/bin/qemu-nbd
+true
+`;
