@@ -195,6 +195,8 @@ test('qcow2 driver: check finds wrong COPIED flags and repairs them with mode al
   await createQcow2(path, { sizeBytes: 4 * MiB, clusterSize: 4096 });
   const dev = await open(path);
   await dev.pwrite(Buffer.alloc(4096, 7), 0);
+  // The L2 entry is read from the file below: metadata is written back on flush.
+  await dev.flush();
   // A second reference to the data cluster (as a snapshot would add) without clearing COPIED.
   const l2 = dev.checkTarget().l1Offsets[0]!;
   const e = await dev.refcounts.get(l2 / 4096);

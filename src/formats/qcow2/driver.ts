@@ -2,12 +2,17 @@
 // (data, zero and compressed clusters, unallocated ranges from the backing device), writes in
 // place with allocation and copy-on-write, trim, write-zeroes, flush and extents.
 //
-// Metadata ordering (a kill -9 at any instant leaves at worst leaked clusters):
-//   allocate: refcount raised and flushed -> data written -> L2 entry written
-//   new L2 table: refcount raised, table written, flushed -> L1 entry written
-//   free: L2 entry cleared and flushed -> refcount lowered
+// Metadata is written back, like QEMU's qcow2 caches: an allocation raises the refcount and
+// installs the L2 entry (and a new L2 table's L1 entry) in memory only. Nothing of it reaches
+// the disk until a FLUSH or FUA write, a cache holding too many dirty tables, a snapshot or
+// resize, or close; then writeback() writes in dependency order (a kill -9 at any instant
+// leaves at worst leaked clusters, and loses only writes not yet flushed, as NBD allows):
+//   data (already written) + refcount blocks -> fdatasync -> L2 tables -> fdatasync -> L1 entries
+//   free: the cleared L2 entry (and L1 entry) written and flushed -> refcount lowered; until
+//   then the cluster stays in use, so it cannot be reused under an entry still on disk
 //   lazy_refcounts: the dirty bit is set and flushed before the first refcount is skipped, and
 //   refcounts are rebuilt on the next writable open when it is found set.
+// Snapshot operations, resize and check run on written-back, write-through caches.
 
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
@@ -117,6 +122,10 @@ export class Qcow2Device implements BlockDevice {
   private readonly imageSync: SyncBatcher;
   private readonly dataSync: SyncBatcher;
   private fixedCache: { reftableOffset: number; ranges: Range[] } | null = null;
+  /** L1 entries changed in memory and not yet written. */
+  private readonly dirtyL1 = new Set<number>();
+  /** Host ranges whose references were dropped in memory: released after the drop is on disk. */
+  private pendingFrees: { offset: number; bytes: number }[] = [];
   /** The snapshot served instead of the active state, if any. */
   readonly servedSnapshot: Qcow2Snapshot | null;
 
@@ -261,6 +270,7 @@ export class Qcow2Device implements BlockDevice {
         await dataFile?.close();
         throw err;
       }
+      dev.setWriteBack(true);
     }
     return dev;
   }
@@ -283,6 +293,85 @@ export class Qcow2Device implements BlockDevice {
   }
 
   private incompatible = -1n;
+
+  private setWriteBack(on: boolean): void {
+    this.l2Cache.writeBack = on;
+    this.refcounts.writeBack = on;
+  }
+
+  /**
+   * Write cached metadata in dependency order (metadata lock held): refcount blocks, then (after
+   * a flush, which also covers the guest data written so far) L2 tables, then (after a flush) L1
+   * entries, then the deferred frees. The last writes are left unflushed: flush() adds that.
+   */
+  private async writeback(): Promise<void> {
+    const l2 = this.l2Cache.dirtyCount() > 0;
+    const l1 = this.dirtyL1.size > 0;
+    if (this.refcounts.dirtyCount() > 0) await this.refcounts.writeDirty();
+    if (l2 || l1) await this.syncData();
+    if (l2) await this.l2Cache.writeDirty();
+    if (l1) {
+      if (l2) await this.imageSync.sync();
+      const idx = [...this.dirtyL1].sort((a, b) => a - b);
+      this.dirtyL1.clear();
+      // One write per run of adjacent entries.
+      for (let i = 0; i < idx.length; ) {
+        let j = i + 1;
+        while (j < idx.length && idx[j] === idx[j - 1]! + 1) j++;
+        const from = idx[i]! * 8;
+        const to = (idx[j - 1]! + 1) * 8;
+        await this.file.pwrite(Buffer.from(this.l1.subarray(from, to)), this.l1TableOffset + from);
+        i = j;
+      }
+    }
+    if (this.pendingFrees.length > 0) {
+      await this.imageSync.sync();
+      const frees = this.pendingFrees;
+      this.pendingFrees = [];
+      for (const f of frees) await this.refcounts.release(f.offset, f.bytes);
+      await this.refcounts.writeDirty();
+    }
+  }
+
+  /** Bound the caches: dirty tables cannot be evicted, so write them back once there are many. */
+  private async writebackIfFull(): Promise<void> {
+    if (
+      this.l2Cache.dirtyCount() * 2 >= this.l2Cache.capacity ||
+      this.refcounts.dirtyCount() * 2 >= this.refcounts.cacheCapacity ||
+      this.pendingFrees.length >= 4096
+    ) {
+      await this.writeback();
+    }
+  }
+
+  /** Metadata changes of a request: the caches stay bounded afterwards. */
+  private meta<T>(fn: () => Promise<T>): Promise<T> {
+    return this.metaLock.run(async () => {
+      const r = await fn();
+      await this.writebackIfFull();
+      return r;
+    });
+  }
+
+  /**
+   * No request in flight, metadata lock held, everything written back and flushed, caches
+   * write-through: for operations that order their own writes (snapshots, resize, check).
+   */
+  private quiesced<T>(fn: () => Promise<T>): Promise<T> {
+    return this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () =>
+      this.metaLock.run(async () => {
+        if (this.readOnly) return fn();
+        await this.writeback();
+        await this.syncData();
+        this.setWriteBack(false);
+        try {
+          return await fn();
+        } finally {
+          this.setWriteBack(true);
+        }
+      }),
+    );
+  }
 
   private async setIncompatibleBit(bit: bigint, on: boolean): Promise<void> {
     if (this.incompatible < 0n) this.incompatible = this.header.incompatibleFeatures;
@@ -330,7 +419,7 @@ export class Qcow2Device implements BlockDevice {
   async check(mode: CheckMode = 'none'): Promise<CheckResult> {
     if (this.servedSnapshot !== null) throw new UsageError('qcow2: check the image, not a snapshot opened from it');
     if (mode !== 'none') this.assertWritable();
-    return this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () => this.metaLock.run(() => checkQcow2(this.checkTarget(), mode)));
+    return this.quiesced(() => checkQcow2(this.checkTarget(), mode));
   }
 
   capabilities(): Capabilities {
@@ -537,7 +626,7 @@ export class Qcow2Device implements BlockDevice {
       // "The offset field in the Standard Cluster Descriptor must match the guest offset."
       for (const p of toAllocate) p.hostOffset = p.cluster * cs;
     } else if (toAllocate.length > 0) {
-      await this.metaLock.run(async () => {
+      await this.meta(async () => {
         await this.markDirtyIfLazy();
         const base = await this.refcounts.allocate(toAllocate.length);
         toAllocate.forEach((p, i) => (p.hostOffset = base + i * cs));
@@ -563,22 +652,18 @@ export class Qcow2Device implements BlockDevice {
     );
     const updates = plans.filter((p) => p.updateEntry);
     if (updates.length === 0) return;
-    if (toAllocate.length > 0 && !this.lazyRefcounts) await this.syncData();
-    await this.metaLock.run(async () => {
+    await this.meta(async () => {
       await this.writeEntries(updates.map((p) => ({ cluster: p.cluster, entry: { hostOffset: p.hostOffset, copied: true, alloc: p.newAlloc, zero: p.newZero } })));
-      await this.releaseOld(toAllocate.map((p) => p.old));
+      this.releaseOld(toAllocate.map((p) => p.old));
     });
   }
 
-  /** Free the host storage of replaced entries, after their replacements are durable. */
-  private async releaseOld(olds: readonly L2Entry[]): Promise<void> {
+  /** Free the host storage of replaced entries once their replacements are on disk (writeback). */
+  private releaseOld(olds: readonly L2Entry[]): void {
     if (this.geometry.externalData) return;
-    const victims = olds.filter((e) => e.compressed || e.hasHost);
-    if (victims.length === 0) return;
-    if (!this.lazyRefcounts) await this.imageSync.sync();
-    for (const e of victims) {
-      if (e.compressed) await this.refcounts.release(Math.floor(e.compressedOffset / 512) * 512, e.compressedBytes + (e.compressedOffset % 512));
-      else await this.refcounts.release(e.hostOffset, this.geometry.clusterSize);
+    for (const e of olds) {
+      if (e.compressed) this.pendingFrees.push({ offset: Math.floor(e.compressedOffset / 512) * 512, bytes: e.compressedBytes + (e.compressedOffset % 512) });
+      else if (e.hasHost) this.pendingFrees.push({ offset: e.hostOffset, bytes: this.geometry.clusterSize });
     }
   }
 
@@ -638,14 +723,12 @@ export class Qcow2Device implements BlockDevice {
       }
     }
     await this.l2Cache.write(off, fresh);
-    if (!this.lazyRefcounts) await this.imageSync.sync();
     encodeL1Entry(this.l1, l1Index, off, true);
-    await this.file.pwrite(this.l1.subarray(l1Index * 8, l1Index * 8 + 8), this.l1TableOffset + l1Index * 8);
+    this.dirtyL1.add(l1Index);
     this.l1Offsets[l1Index] = off;
     if (cur !== 0) {
-      if (!this.lazyRefcounts) await this.imageSync.sync();
-      await this.refcounts.release(cur, cs);
       this.l2Cache.evict(cur);
+      this.pendingFrees.push({ offset: cur, bytes: cs });
     }
     return off;
   }
@@ -674,20 +757,19 @@ export class Qcow2Device implements BlockDevice {
     await this.guardCorrupt(() =>
       this.clusterLock.run(cluster, cluster, true, async () => {
         const old = await this.entry(cluster);
-        const hostOffset = await this.metaLock.run(async () => {
+        const hostOffset = await this.meta(async () => {
           await this.markDirtyIfLazy();
           return this.compressedSpace.allocate(packed.length);
         });
         await this.file.pwrite(packed, hostOffset);
-        if (!this.lazyRefcounts) await this.imageSync.sync();
-        await this.metaLock.run(async () => {
+        await this.meta(async () => {
           const l1Index = Math.floor(cluster / g.l2Entries);
           const tableOffset = await this.writableL2(l1Index);
           const table = await this.l2Cache.get(tableOffset);
           const idx = cluster % g.l2Entries;
           encodeCompressedEntry(g, table, idx, hostOffset, packed.length);
           await this.l2Cache.write(tableOffset, table, { start: idx * g.l2EntryBytes, end: (idx + 1) * g.l2EntryBytes });
-          await this.releaseOld([old]);
+          this.releaseOld([old]);
         });
       }),
     );
@@ -738,9 +820,9 @@ export class Qcow2Device implements BlockDevice {
       }
       if (opts.fast && slow.length > 0) throw new RequestError('ENOTSUP', 'qcow2: this zero request cannot be done without writing data');
       if (updates.length > 0) {
-        await this.metaLock.run(async () => {
+        await this.meta(async () => {
           await this.writeEntries(updates);
-          await this.releaseOld(olds);
+          this.releaseOld(olds);
         });
       }
       for (const s of slow) {
@@ -777,16 +859,18 @@ export class Qcow2Device implements BlockDevice {
         olds.push(e);
       }
       if (updates.length === 0) return;
-      await this.metaLock.run(async () => {
+      await this.meta(async () => {
         await this.writeEntries(updates);
-        await this.releaseOld(olds);
+        this.releaseOld(olds);
       });
     }));
     if (opts.fua) await this.flush();
   }
 
+  /** Everything acknowledged so far becomes durable: metadata written back, then flushed. */
   async flush(): Promise<void> {
     if (this.readOnly) return;
+    await this.metaLock.run(() => this.writeback());
     await this.syncData();
   }
 
@@ -832,7 +916,7 @@ export class Qcow2Device implements BlockDevice {
 
   /** Everything quiesced: no request in flight, metadata lock held. */
   private exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    return this.guardCorrupt(() => this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () => this.metaLock.run(fn)));
+    return this.guardCorrupt(() => this.quiesced(fn));
   }
 
   private snapshotTarget(): SnapshotTarget {
@@ -999,8 +1083,7 @@ export class Qcow2Device implements BlockDevice {
     const size = Math.ceil(newSizeBytes / 512) * 512;
     if (size < this.sizeBytes) throw new RequestError('ENOTSUP', 'qcow2: shrinking is not supported');
     const g = this.geometry;
-    await this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () =>
-      this.metaLock.run(async () => {
+    await this.quiesced(async () => {
         const needed = l1EntriesFor(size, g.clusterBits, g.l2EntryBytes);
         if (needed * 8 > QCOW2_MAX_L1_BYTES) throw new RequestError('EINVAL', `qcow2: size ${size} needs an L1 table above the 32 MiB limit`);
         if (needed > this.l1Offsets.length) await this.growL1(needed);
@@ -1009,8 +1092,7 @@ export class Qcow2Device implements BlockDevice {
         await this.file.pwrite(b, 24);
         await this.imageSync.sync();
         this.sizeBytes = size;
-      }),
-    );
+      });
   }
 
   // ---- extents -------------------------------------------------------------------------------
@@ -1032,6 +1114,7 @@ export class Qcow2Device implements BlockDevice {
     await this.clusterLock.run(0, Number.MAX_SAFE_INTEGER, true, () => this.metaLock.run(async () => undefined)).catch(() => undefined);
     try {
       if (!this.readOnly) {
+        await this.metaLock.run(() => this.writeback());
         await this.syncData();
         // Clean shutdown: refcounts are complete, so a lazy-refcount image is consistent again.
         if (this.dirty && this.lazyRefcounts) await this.setIncompatibleBit(QCOW2_INCOMPAT.DIRTY, false);

@@ -1,6 +1,8 @@
 // An LRU cache of one-cluster metadata tables (L2 tables, refcount blocks), keyed by host offset.
-// Write-through: every change is written to disk by `write()`, in the order crash safety needs,
-// and a load never resurrects a copy older than a write that overlapped it.
+// Write-through (every change written by `write()`) or write-back (changes stay dirty in memory
+// until `writeDirty()`, which the driver calls in dependency order). Dirty tables are never
+// evicted, so the owner bounds the cache by writing back when `dirtyCount()` grows; a load never
+// resurrects a copy older than a write that overlapped it.
 
 export type TableLoader = (hostOffset: number) => Promise<Buffer>;
 export type TableWriter = (hostOffset: number, table: Buffer) => Promise<void>;
@@ -11,7 +13,11 @@ export class TableCache {
   /** Bumped on every write, so a load that raced a write is retried instead of cached. */
   private readonly generation = new Map<number, number>();
   private readonly writing = new Map<number, Promise<void>>();
-  private readonly capacity: number;
+  /** Byte ranges changed since the last writeback; a new object on every change. */
+  private readonly dirty = new Map<number, { start: number; end: number }>();
+  readonly capacity: number;
+  /** Changes stay in memory until writeDirty() instead of being written by write(). */
+  writeBack = false;
 
   /** `capacityTables` tables of one cluster each stay cached (at least 2). */
   constructor(
@@ -53,9 +59,16 @@ export class TableCache {
     }
   }
 
-  /** Cache `table` as the content at `hostOffset` and write it through. */
+  /** Cache `table` as the content at `hostOffset`; write it through unless in write-back mode. */
   async write(hostOffset: number, table: Buffer, range?: { start: number; end: number }): Promise<void> {
     this.generation.set(hostOffset, (this.generation.get(hostOffset) ?? 0) + 1);
+    if (this.writeBack) {
+      const r = range ?? { start: 0, end: table.length };
+      const d = this.dirty.get(hostOffset);
+      this.dirty.set(hostOffset, d ? { start: Math.min(d.start, r.start), end: Math.max(d.end, r.end) } : { start: r.start, end: r.end });
+      this.insert(hostOffset, table);
+      return;
+    }
     this.insert(hostOffset, table);
     const prev = this.writing.get(hostOffset) ?? Promise.resolve();
     const p = prev.then(() => (range ? this.store(hostOffset + range.start, table.subarray(range.start, range.end)) : this.store(hostOffset, table)));
@@ -70,18 +83,38 @@ export class TableCache {
     await p;
   }
 
+  /** Tables changed in memory and not yet written. */
+  dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  /** Write every dirty table (concurrently; the caller orders and flushes around it). */
+  async writeDirty(): Promise<void> {
+    const batch = [...this.dirty];
+    await Promise.all(
+      batch.map(async ([off, r]) => {
+        const table = this.tables.get(off);
+        if (table !== undefined && r.end > r.start) await this.store(off + r.start, table.subarray(r.start, r.end));
+        // Clean only if nothing changed it meanwhile; until then it cannot be evicted and reloaded stale.
+        if (this.dirty.get(off) === r) this.dirty.delete(off);
+      }),
+    );
+  }
+
   private insert(hostOffset: number, table: Buffer): void {
     this.tables.delete(hostOffset);
     this.tables.set(hostOffset, table);
-    while (this.tables.size > this.capacity) {
-      const oldest = this.tables.keys().next().value as number;
-      this.tables.delete(oldest);
+    if (this.tables.size <= this.capacity) return;
+    for (const off of this.tables.keys()) {
+      if (this.tables.size <= this.capacity) break;
+      if (!this.dirty.has(off)) this.tables.delete(off);
     }
   }
 
-  /** Forget a table whose cluster was freed (it may be reused for data). */
+  /** Forget a table whose cluster was freed (it may be reused for data); its changes are dropped. */
   evict(hostOffset: number): void {
     this.tables.delete(hostOffset);
+    this.dirty.delete(hostOffset);
     this.generation.set(hostOffset, (this.generation.get(hostOffset) ?? 0) + 1);
   }
 }

@@ -4,7 +4,9 @@
 //
 // Crash safety: a new refcount block is written before the table entry that points at it; a
 // grown refcount table is written and flushed before the header switches to it; the old table
-// is freed only afterwards. A crash at any point leaks clusters at worst.
+// is freed only afterwards. A crash at any point leaks clusters at worst. In write-back mode the
+// blocks' changes stay cached until writeDirty(); both structural changes above first write
+// every dirty block, so nothing on disk ever points at a cluster whose refcount is not there.
 
 import { CorruptImageError, RequestError } from '../../errors.js';
 import type { HostFile } from '../../io/host-file.js';
@@ -131,6 +133,25 @@ export class RefcountManager {
     );
   }
 
+  /** Keep refcount changes in memory until writeDirty() (the driver orders the writeback). */
+  set writeBack(on: boolean) {
+    this.cache.writeBack = on;
+  }
+
+  /** Refcount blocks changed in memory and not yet written. */
+  dirtyCount(): number {
+    return this.cache.dirtyCount();
+  }
+
+  get cacheCapacity(): number {
+    return this.cache.capacity;
+  }
+
+  /** Write every changed refcount block (not flushed). */
+  writeDirty(): Promise<void> {
+    return this.cache.writeDirty();
+  }
+
   private get cs(): number {
     return this.o.geometry.clusterSize;
   }
@@ -254,7 +275,9 @@ export class RefcountManager {
       await this.o.file.pwrite(block, off);
       this.o.state.fileEnd = Math.max(this.o.state.fileEnd, off + this.cs);
       await this.cache.write(off, block, { start: 0, end: 0 });
-      // The block must be on disk before the table entry that makes it count.
+      // The block, and its own refcount when another block holds it, must be on disk before
+      // the table entry that makes it count.
+      await this.cache.writeDirty();
       await this.o.file.datasync();
       const entry = Buffer.alloc(8);
       writeU64(entry, off, 0);
@@ -317,6 +340,7 @@ export class RefcountManager {
     newTable.forEach((v, i) => writeU64(tableBuf, v, i * 8));
     await this.o.file.pwrite(tableBuf, start * cs);
     this.o.state.fileEnd = Math.max(this.o.state.fileEnd, areaEnd * cs);
+    await this.cache.writeDirty();
     await this.o.file.datasync();
     const hdr = Buffer.alloc(12);
     writeU64(hdr, start * cs, 0);
