@@ -53,7 +53,7 @@ function ext4File(raw: string, path: string): string {
   return execFileSync('debugfs', ['-R', `cat ${path}`, part], { stdio: ['ignore', 'pipe', 'ignore'] }).toString();
 }
 
-test('kernel VM: imgbd run and the qemu-nbd drop-in (LXC)', { timeout: 600_000 }, async (t) => {
+test('kernel VM: imgbd run and the qemu-nbd drop-in (LXC)', { timeout: 900_000 }, async (t) => {
   if (!requireVm(t) || !requirePeers(t, 'qemu-img', 'sfdisk', 'mke2fs', 'e2fsck', 'debugfs')) return;
   const lxc = ensureLxc();
   const dir = tempDir(t, 'imgbd-vm-run-');
@@ -62,7 +62,7 @@ test('kernel VM: imgbd run and the qemu-nbd drop-in (LXC)', { timeout: 600_000 }
   execFileSync('cp', [qcow2, join(dir, 'rw.qcow2')]);
   execFileSync('cp', [qcow2, join(dir, 'lxc.qcow2')]);
   execFileSync('cp', [qcow2, join(dir, 'shim.qcow2')]);
-  const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 420_000, memoryMb: 2048 });
+  const r = await runInVm({ script: script(), scratchDir: dir, timeoutMs: 540_000, memoryMb: 2048 });
   t.diagnostic(`boot to poweroff: ${r.elapsedMs} ms; ${vmTimings(r).map((x) => `${x.timing} ${x.ms} ms`).join(', ')}`);
   for (const c of [...vmChecks(r, 'lxc-info'), ...vmChecks(r, 'lxc')]) t.diagnostic(`lxc ${c.check}: ${c.ok ? 'ok' : 'FAILED'} ${JSON.stringify(c.detail)}`);
 

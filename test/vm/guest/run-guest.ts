@@ -17,6 +17,8 @@ pid_of() {
 no_nbd_connected() { ! ls /sys/block/nbd*/pid >/dev/null 2>&1; }
 no_ext4_mounted() { ! grep -q ' - ext4 ' /proc/self/mountinfo; }
 sleep_gone() { ! pid_of sleep "$1" >/dev/null; }
+# Exited: no /proc entry, or a zombie (orphans wait for this guest's minimal init to reap them).
+exited() { st=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; case "$st" in *") Z "*) return 0;; esac; return 1; }
 line() { printf '%s\n' "$1" | sed -n "$2p"; }
 `;
 
@@ -58,7 +60,7 @@ kill -9 $P
 timing sigkill-start
 check sigkill-cmd-gone wait_for 20 sleep_gone 600
 check sigkill-device-released wait_for 30 no_nbd_connected
-check sigkill-supervisor-gone sh -c "test -n '$SUP' && ! kill -0 $SUP 2>/dev/null || { echo sup=$SUP; exit 1; }"
+check sigkill-supervisor-found sh -c "test -n '$SUP' || { echo 'no supervisor pid in /run/imgbd'; exit 1; }" && check sigkill-supervisor-gone wait_for 20 exited "$SUP"
 check sigkill-nothing-mounted no_ext4_mounted
 timing sigkill-teardown
 wait $P 2>/dev/null
