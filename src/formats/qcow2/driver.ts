@@ -126,6 +126,8 @@ export class Qcow2Device implements BlockDevice {
   private readonly dirtyL1 = new Set<number>();
   /** Host ranges whose references were dropped in memory: released after the drop is on disk. */
   private pendingFrees: { offset: number; bytes: number }[] = [];
+  /** Bytes the image file has at least (it never shrinks while open). */
+  private knownFileBytes: number;
   /** The snapshot served instead of the active state, if any. */
   readonly servedSnapshot: Qcow2Snapshot | null;
 
@@ -158,6 +160,7 @@ export class Qcow2Device implements BlockDevice {
     this.backing = init.backing;
     this.geometry = makeGeometry(h.clusterBits, (h.incompatibleFeatures & QCOW2_INCOMPAT.EXTL2) !== 0n, h.version, init.dataFile !== null);
     this.state = { fileEnd: init.fileSize };
+    this.knownFileBytes = init.fileSize;
     this.l1 = init.l1;
     this.l1Offsets = init.l1Offsets;
     this.l1TableOffset = init.l1TableOffset;
@@ -305,6 +308,7 @@ export class Qcow2Device implements BlockDevice {
    * entries, then the deferred frees. The last writes are left unflushed: flush() adds that.
    */
   private async writeback(): Promise<void> {
+    await this.growFile();
     const l2 = this.l2Cache.dirtyCount() > 0;
     const l1 = this.dirtyL1.size > 0;
     if (this.refcounts.dirtyCount() > 0) await this.refcounts.writeDirty();
@@ -634,14 +638,21 @@ export class Qcow2Device implements BlockDevice {
       });
     }
 
-    // Data, with copy-on-write of the parts of each span the caller did not supply.
-    await Promise.all(
-      plans.map(async (p) => {
+    // Data, with copy-on-write of the parts of each span the caller did not supply. Spans the
+    // caller covers whole and that follow each other on the host go out as one write.
+    const direct: { host: number; from: number; to: number }[] = [];
+    for (const p of plans) {
+      if (p.spanStart !== p.a || p.spanEnd !== p.b) continue;
+      const from = p.cluster * cs + p.a - offset;
+      const last = direct[direct.length - 1];
+      if (last !== undefined && last.to === from && last.host + (last.to - last.from) === p.hostOffset + p.a) last.to = from + p.b - p.a;
+      else direct.push({ host: p.hostOffset + p.a, from, to: from + p.b - p.a });
+    }
+    await Promise.all([
+      ...direct.map((d) => this.data.pwrite(buf.subarray(d.from, d.to), d.host)),
+      ...plans.map(async (p) => {
+        if (p.spanStart === p.a && p.spanEnd === p.b) return;
         const src = buf.subarray(p.cluster * cs + p.a - offset, p.cluster * cs + p.b - offset);
-        if (p.spanStart === p.a && p.spanEnd === p.b) {
-          await this.data.pwrite(src, p.hostOffset + p.a);
-          return;
-        }
         const span = Buffer.allocUnsafe(p.spanEnd - p.spanStart);
         const base = p.cluster * cs + p.spanStart;
         if (p.a > p.spanStart) await this.readGuest(span.subarray(0, p.a - p.spanStart), base);
@@ -649,7 +660,7 @@ export class Qcow2Device implements BlockDevice {
         src.copy(span, p.a - p.spanStart);
         await this.data.pwrite(span, p.hostOffset + p.spanStart);
       }),
-    );
+    ]);
     const updates = plans.filter((p) => p.updateEntry);
     if (updates.length === 0) return;
     await this.meta(async () => {
@@ -671,12 +682,27 @@ export class Qcow2Device implements BlockDevice {
     if (this.lazyRefcounts && !this.dirty) await this.setIncompatibleBit(QCOW2_INCOMPAT.DIRTY, true);
   }
 
+  /**
+   * The host file must cover every allocated cluster before metadata naming one reaches the
+   * disk. In write-back mode that is writeback()'s first step, so allocations skip the
+   * fstat and ftruncate, which would serialise with the data writes in flight.
+   */
   private async extendFile(): Promise<void> {
+    if (this.file.isBlockDevice) {
+      if (this.state.fileEnd <= this.knownFileBytes) return;
+      this.knownFileBytes = await hostFileSize(this.file);
+      // A block device cannot grow: the allocation leaks, the request fails.
+      if (this.state.fileEnd > this.knownFileBytes) throw new RequestError('ENOSPC', `qcow2: ${this.file.path} is full`);
+      return;
+    }
+    if (!this.l2Cache.writeBack) await this.growFile();
+  }
+
+  private async growFile(): Promise<void> {
+    if (this.file.isBlockDevice || this.state.fileEnd <= this.knownFileBytes) return;
     const size = await hostFileSize(this.file);
-    if (size >= this.state.fileEnd) return;
-    // A block device cannot grow: the allocation leaks, the request fails.
-    if (this.file.isBlockDevice) throw new RequestError('ENOSPC', `qcow2: ${this.file.path} is full`);
-    await this.file.truncate(this.state.fileEnd);
+    if (size < this.state.fileEnd) await this.file.truncate(this.state.fileEnd);
+    this.knownFileBytes = Math.max(size, this.state.fileEnd);
   }
 
   /** Install new L2 entries (metadata lock held), allocating or copying L2 tables as needed. */
