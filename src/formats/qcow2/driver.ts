@@ -317,14 +317,14 @@ export class Qcow2Device implements BlockDevice {
     if (l1) {
       if (l2) await this.imageSync.sync();
       const idx = [...this.dirtyL1].sort((a, b) => a - b);
-      this.dirtyL1.clear();
-      // One write per run of adjacent entries.
+      // One write per run of adjacent entries; an entry stays dirty until its write succeeded.
       for (let i = 0; i < idx.length; ) {
         let j = i + 1;
         while (j < idx.length && idx[j] === idx[j - 1]! + 1) j++;
         const from = idx[i]! * 8;
         const to = (idx[j - 1]! + 1) * 8;
         await this.file.pwrite(Buffer.from(this.l1.subarray(from, to)), this.l1TableOffset + from);
+        for (let k = i; k < j; k++) this.dirtyL1.delete(idx[k]!);
         i = j;
       }
     }
