@@ -9,7 +9,7 @@
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { guestNodeCommand, runInVm, shQuote } from '../test/vm/harness.js';
+import { guestNodeCommand, runInVm } from '../test/vm/harness.js';
 import { ensureRandomFile } from './lib.js';
 
 const IMAGE_MIB = 128;
@@ -30,7 +30,7 @@ function guestScript(): string {
   return `set -u
 S="$IMGBD_VM_SCRATCH"
 R="$IMGBD_VM_RESULTS"
-IMGBD=${shQuote(imgbd)}
+imgbd() { ${imgbd} "$@"; }
 modprobe nbd nbds_max=4 max_part=0
 cp "$S/bench.raw" /tmp/bench.raw
 dd if=/dev/urandom of=/tmp/src.bin bs=1M count=${IMAGE_MIB} status=none
@@ -45,9 +45,9 @@ measure() { # server round device
   echo "{\\"bench\\":\\"rand-read-4k\\",\\"server\\":\\"$1\\",\\"round\\":$2,\\"fioFile\\":\\"fio-$1-$2.json\\"}" >> "$R"
 }
 for round in $(seq 1 ${ROUNDS}); do
-  dev=$($IMGBD attach -f raw /tmp/bench.raw) || { echo "imgbd attach failed"; exit 1; }
+  dev=$(imgbd attach -f raw /tmp/bench.raw) || { echo "imgbd attach failed"; exit 1; }
   measure imgbd $round "$dev"
-  $IMGBD detach "$dev" >/dev/null || exit 1
+  imgbd detach "$dev" >/dev/null || exit 1
   qemu-nbd -c /dev/nbd3 -f raw /tmp/bench.raw || exit 1
   n=0; while [ "$(cat /sys/block/nbd3/size)" = 0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
   measure qemu-nbd $round /dev/nbd3
