@@ -14,6 +14,7 @@
 //   refcounts are rebuilt on the next writable open when it is found set.
 // Snapshot operations, resize and check run on written-back, write-through caches.
 
+import { readFromBacking } from '../../block/backing-read.js';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
@@ -584,11 +585,8 @@ export class Qcow2Device implements BlockDevice {
   }
 
   /** Unallocated ranges: backing data, zeros past the backing's end or without a backing. */
-  private async readBacking(buf: Buffer, offset: number): Promise<void> {
-    const b = this.backing;
-    const have = b === null ? 0 : Math.max(0, Math.min(buf.length, b.sizeBytes - offset));
-    if (have > 0) await b!.pread(buf.subarray(0, have), offset);
-    if (have < buf.length) buf.fill(0, have);
+  private readBacking(buf: Buffer, offset: number): Promise<void> {
+    return readFromBacking(this.backing, buf, offset);
   }
 
   private async readCompressed(e: L2Entry): Promise<Buffer> {

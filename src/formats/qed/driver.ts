@@ -14,6 +14,7 @@
 // end only moves under the lock. A concurrent read sees either the old mapping or the new one,
 // and the new one only after its data is durable.
 
+import { readFromBacking } from '../../block/backing-read.js';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../block/device.js';
 import { writeZeros } from '../../block/zero-buffer.js';
@@ -279,11 +280,8 @@ export class QedDevice implements BlockDevice {
   }
 
   /** "reads of unallocated areas beyond the end of the backing file produce zeroes." */
-  private async readBacking(buf: Buffer, offset: number): Promise<void> {
-    const b = this.backing;
-    const have = b === null ? 0 : Math.max(0, Math.min(buf.length, b.sizeBytes - offset));
-    if (have > 0) await b!.pread(buf.subarray(0, have), offset);
-    if (have < buf.length) buf.fill(0, have);
+  private readBacking(buf: Buffer, offset: number): Promise<void> {
+    return readFromBacking(this.backing, buf, offset);
   }
 
   // ---- writes --------------------------------------------------------------------------------
