@@ -298,8 +298,12 @@ export async function runInVm(opts: RunInVmOptions): Promise<VmResult> {
     rmSync(ctl, { recursive: true, force: true });
     rmSync(join(scratch, 'results.jsonl'), { force: true });
     mkdirSync(ctl, { recursive: true });
-    const shares = opts.extraShares ?? [];
-    writeFileSync(join(ctl, 'config.sh'), guestConfig(scratch, resolve(opts.cwd ?? projectRoot()), shares));
+    const shares = [...(opts.extraShares ?? [])];
+    // The guest mounts fresh tmpfs on /tmp, /run and /dev/shm, which would hide a checkout
+    // living there (CI may clone anywhere): share the project again at its own path.
+    const root = projectRoot();
+    if (/^\/(tmp|run|dev\/shm)(\/|$)/.test(root)) shares.unshift({ hostPath: root, readOnly: true });
+    writeFileSync(join(ctl, 'config.sh'), guestConfig(scratch, resolve(opts.cwd ?? root), shares));
     writeFileSync(join(ctl, 'script.sh'), opts.script);
 
     const args = [
