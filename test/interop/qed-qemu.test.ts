@@ -6,10 +6,8 @@
 // open; qed works as a backing file under qcow2 through the registry.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { test, type TestContext } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../../src/block/device.js';
 import { createQed } from '../../src/formats/qed/create.js';
@@ -17,10 +15,10 @@ import { openQedPath } from '../../src/formats/qed/format.js';
 import { QED_F } from '../../src/formats/qed/header.js';
 import { openImageWithFormat } from '../../src/formats/open.js';
 import { prng, qemuCheck, qemuContent, qemuMap, readAll } from '../fixtures/qcow2/helpers.js';
-import { requirePeers, run, runOk, tempDir, repoRoot } from '../helpers/peers.js';
+import { runWriterAndKill, repoModule } from '../helpers/killed-writer.js';
+import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
 
 const MiB = 1024 * 1024;
-const REPO = repoRoot();
 
 function randomBuffer(rand: () => number, n: number): Buffer {
   const b = Buffer.allocUnsafe(n);
@@ -280,11 +278,10 @@ test('qed need-check: a poked dirty image with a bad entry is repaired on a writ
 });
 
 /** A child process that writes through the driver and is killed mid-way. */
-async function runWriterAndKill(img: string, seed: number, killAfterMs: number): Promise<number> {
-  const mod = (p: string): string => JSON.stringify(pathToFileURL(join(REPO, p)).href);
+async function writeAndKill(img: string, seed: number, killAfterMs: number): Promise<number> {
   const code = [
-    `import { openQedPath } from ${mod('src/formats/qed/format.ts')};`,
-    `import { prng } from ${mod('test/fixtures/qcow2/helpers.ts')};`,
+    `import { openQedPath } from ${repoModule('src/formats/qed/format.ts')};`,
+    `import { prng } from ${repoModule('test/fixtures/qcow2/helpers.ts')};`,
     `const dev = await openQedPath(${JSON.stringify(img)});`,
     `const rnd = prng(${seed}); const half = dev.sizeBytes / 2;`,
     'for (let s = 0; ; s++) {',
@@ -296,22 +293,7 @@ async function runWriterAndKill(img: string, seed: number, killAfterMs: number):
     '  if (half + (s + 2) * 4096 > dev.sizeBytes) s = -1;',
     '}',
   ].join('\n');
-  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  const closed = new Promise((r) => child.once('close', r));
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-  await new Promise<void>((resolve) => {
-    const check = (): void => (out.includes('\n') || child.exitCode !== null ? resolve() : void setTimeout(check, 5));
-    check();
-  });
-  await new Promise((r) => setTimeout(r, killAfterMs));
-  child.kill('SIGKILL');
-  await closed;
-  assert.equal(child.signalCode, 'SIGKILL', `writer ended on its own: ${err}`);
-  const flushed = out.split('\n').filter((l) => l !== '').map(Number);
-  return flushed.length === 0 ? -1 : Math.max(...flushed);
+  return runWriterAndKill(code, killAfterMs);
 }
 
 test('qed need-check: a writer killed mid-write leaves at worst leaks; a writable open repairs to a clean check', async (t) => {
@@ -322,7 +304,7 @@ test('qed need-check: a writer killed mid-write leaves at worst leaks; a writabl
   for (let round = 0; round < 4; round++) {
     const img = join(dir, `k${round}.qed`);
     await createQed(img, { sizeBytes: 64 * MiB, clusterSize: round % 2 ? 16384 : 65536 });
-    const last = await runWriterAndKill(img, round, 20 + Math.floor(rnd() * 300));
+    const last = await writeAndKill(img, round, 20 + Math.floor(rnd() * 300));
     const dirty = (Number(readFileSync(img).readBigUInt64LE(16)) & QED_F.NEED_CHECK) !== 0;
     if (dirty) sawDirty++;
     const pre = await qemuCheck(img);

@@ -5,10 +5,8 @@
 // under qcow2 and qed overlays through the registry.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { test, type TestContext } from 'node:test';
 import { EXTENT_ZERO, type BlockDevice } from '../../src/block/device.js';
 import { openImageWithFormat } from '../../src/formats/open.js';
@@ -18,10 +16,10 @@ import { createVdi } from '../../src/formats/vdi/create.js';
 import { openVdiPath } from '../../src/formats/vdi/format.js';
 import { parseVdiHeader } from '../../src/formats/vdi/header.js';
 import { prng, qemuCheck, qemuContent, qemuMap, readAll } from '../fixtures/qcow2/helpers.js';
-import { requirePeers, run, runOk, tempDir, repoRoot } from '../helpers/peers.js';
+import { runWriterAndKill, repoModule } from '../helpers/killed-writer.js';
+import { requirePeers, run, runOk, tempDir } from '../helpers/peers.js';
 
 const MiB = 1024 * 1024;
-const REPO = repoRoot();
 
 function randomBuffer(rand: () => number, n: number): Buffer {
   const b = Buffer.allocUnsafe(n);
@@ -202,11 +200,10 @@ test('vdi as a backing file: qcow2 and qed overlays over vdi read like qemu thro
 });
 
 /** A child process that writes through the driver and is killed mid-way; returns the last flushed slot. */
-async function runWriterAndKill(img: string, seed: number, killAfterMs: number): Promise<number> {
-  const mod = (p: string): string => JSON.stringify(pathToFileURL(join(REPO, p)).href);
+async function writeAndKill(img: string, seed: number, killAfterMs: number): Promise<number> {
   const code = [
-    `import { openVdiPath } from ${mod('src/formats/vdi/format.ts')};`,
-    `import { prng } from ${mod('test/fixtures/qcow2/helpers.ts')};`,
+    `import { openVdiPath } from ${repoModule('src/formats/vdi/format.ts')};`,
+    `import { prng } from ${repoModule('test/fixtures/qcow2/helpers.ts')};`,
     `const dev = await openVdiPath(${JSON.stringify(img)});`,
     `const rnd = prng(${seed}); const half = dev.sizeBytes / 2;`,
     'for (let s = 0; half + (s + 1) * 4096 <= dev.sizeBytes; s++) {',
@@ -218,22 +215,7 @@ async function runWriterAndKill(img: string, seed: number, killAfterMs: number):
     '}',
     'await new Promise(() => undefined);',
   ].join('\n');
-  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  const closed = new Promise((r) => child.once('close', r));
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-  await new Promise<void>((resolve) => {
-    const check = (): void => (out.includes('\n') || child.exitCode !== null ? resolve() : void setTimeout(check, 5));
-    check();
-  });
-  await new Promise((r) => setTimeout(r, killAfterMs));
-  child.kill('SIGKILL');
-  await closed;
-  assert.equal(child.signalCode, 'SIGKILL', `writer ended on its own: ${err}`);
-  const flushed = out.split('\n').filter((l) => l !== '').map(Number);
-  return flushed.length === 0 ? -1 : Math.max(...flushed);
+  return runWriterAndKill(code, killAfterMs);
 }
 
 test('vdi crash: a writer killed mid-write loses no flushed data; a writable open leaves a clean qemu-img check', async (t) => {
@@ -243,7 +225,7 @@ test('vdi crash: a writer killed mid-write loses no flushed data; a writable ope
   for (let round = 0; round < 4; round++) {
     const img = join(dir, `k${round}.vdi`);
     await createVdi(img, { sizeBytes: 256 * MiB });
-    const last = await runWriterAndKill(img, round, 20 + Math.floor(rnd() * 300));
+    const last = await writeAndKill(img, round, 20 + Math.floor(rnd() * 300));
     const pre = await qemuCheck(img);
     // At worst blocks counted but not yet mapped (QEMU reports the count mismatch as corruption).
     assert.equal(pre.json['check-errors'] ?? 0, 0, JSON.stringify(pre.json));
