@@ -196,26 +196,38 @@ test('qcow2 create: an overlay with backing file and format reads through to its
   await assertClean(ov);
 });
 
-test('qcow2 write: the refcount table grows (512-byte clusters, 64-bit refcounts) and qemu-img agrees', async (t) => {
-  if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
-  const dir = tempDir(t);
-  const img = join(dir, 'grow.qcow2');
-  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=64', img, String(8 * MiB)]);
-  const dev = await openQcow2Chain(img);
-  const firstTable = dev.refcounts.reftableOffset;
-  // One reftable cluster covers 64 blocks of 64 refcounts: 2 MiB of host clusters.
-  for (let off = 0; off < 6 * MiB; off += 256 * 1024) await dev.pwrite(Buffer.alloc(256 * 1024, (off / 65536) & 0xff), off);
-  assert.notEqual(dev.refcounts.reftableOffset, firstTable, 'the refcount table moved');
-  await dev.close();
-  await assertClean(img);
-  const twin = join(dir, 'twin.raw');
-  await runOk('qemu-img', ['create', '-q', '-f', 'raw', twin, String(8 * MiB)]);
-  const cmds: string[] = [];
-  for (let off = 0; off < 6 * MiB; off += 256 * 1024) cmds.push('-c', `write -P ${(off / 65536) & 0xff} ${off} ${256 * 1024}`);
-  await runOk('qemu-io', ['-f', 'raw', ...cmds, twin]);
-  const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', twin, img]);
-  assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
-});
+// One reftable cluster of 512 bytes covers 64 refcount blocks: 2 MiB of host clusters with 64-bit
+// refcounts, 8 MiB with 16-bit ones. Small writes make the grown table land inside the very block
+// whose creation needed the growth.
+const growth = [
+  { bits: 64, chunk: 256 * 1024, bytes: 6 * MiB },
+  { bits: 64, chunk: 4096, bytes: 6 * MiB },
+  { bits: 16, chunk: 512, bytes: 12 * MiB },
+];
+for (const g of growth) {
+  test(`qcow2 write: the refcount table grows (512-byte clusters, ${g.bits}-bit refcounts, ${g.chunk}-byte writes) and qemu-img agrees`, async (t) => {
+    if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const img = join(dir, 'grow.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=512,refcount_bits=${g.bits}`, img, String(16 * MiB)]);
+    const dev = await openQcow2Chain(img);
+    const firstTable = dev.refcounts.reftableOffset;
+    const pattern = (off: number): number => (off >> 16) & 0xff;
+    for (let off = 0; off < g.bytes; off += g.chunk) await dev.pwrite(Buffer.alloc(g.chunk, pattern(off)), off);
+    assert.notEqual(dev.refcounts.reftableOffset, firstTable, 'the refcount table moved');
+    await dev.close();
+    await assertClean(img);
+    const twin = join(dir, 'twin.raw');
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', twin, String(16 * MiB)]);
+    const cmds: string[] = [];
+    // Every byte of a 64 KiB window got the same pattern, whatever the write size.
+    const step = Math.max(g.chunk, 65536);
+    for (let off = 0; off < g.bytes; off += step) cmds.push('-c', `write -P ${pattern(off)} ${off} ${step}`);
+    await runOk('qemu-io', ['-f', 'raw', ...cmds, twin]);
+    const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', twin, img]);
+    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+  });
+}
 
 for (const raw of [false, true]) {
   test(`qcow2 external data file${raw ? ' (data_file_raw)' : ''}: reads and random writes match qemu-io`, async (t) => {

@@ -258,7 +258,12 @@ export class RefcountManager {
   /** Make sure refcount block `ti` exists. */
   private async ensureBlock(ti: number): Promise<void> {
     if (ti < this.reftable.length && this.reftable[ti] !== 0) return;
-    if (ti >= this.reftable.length) await this.growTable(ti + 1);
+    if (ti >= this.reftable.length) {
+      await this.growTable(ti + 1);
+      // The grown table's own clusters may fall in block `ti`, which growTable then created:
+      // replacing it would drop the refcounts of the table itself.
+      if (this.reftable[ti] !== 0) return;
+    }
     for (;;) {
       const c = await this.findFree(1);
       const cti = Math.floor(c / this.blockEntries);
@@ -268,6 +273,8 @@ export class RefcountManager {
         writeRefcountEntry(block, c % this.blockEntries, this.order, 1);
       } else {
         await this.ensureBlock(cti);
+        // Growing the table for block `cti` may have created block `ti` too.
+        if (this.reftable[ti] !== 0) return;
         if (!(await this.isFreeNow(c))) continue;
         await this.set(c, 1);
       }
