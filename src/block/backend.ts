@@ -42,6 +42,7 @@ import {
   type DepthExtent,
   type Extent,
   type ExtentsOptions,
+  type HostRun,
   type WriteOptions,
   type ZeroOptions,
 } from './device.js';
@@ -188,6 +189,12 @@ export class Backend implements BlockDevice {
     if (this.next.readNow === undefined || len === 0 || len > this.sizes.maximum) return false;
     if (this.checkRange('read', offset, len, 'EINVAL') !== null) return false;
     return this.next.readNow(buf, offset);
+  }
+
+  hostRun(offset: number, length: number): HostRun | null {
+    if (this.next.hostRun === undefined || length === 0 || length > this.sizes.maximum) return null;
+    if (this.checkRange('read', offset, length, 'EINVAL') !== null) return null;
+    return this.next.hostRun(offset, length);
   }
 
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {

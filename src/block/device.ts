@@ -75,6 +75,13 @@ export interface ExtentsOptions {
   readonly one?: boolean;
 }
 
+/** Guest bytes found unchanged in a host file (see BlockDevice.hostRun). */
+export interface HostRun {
+  readonly fd: number;
+  readonly offset: number;
+  readonly length: number;
+}
+
 export interface BlockDevice {
   /** Virtual size in bytes (a safe integer). */
   readonly sizeBytes: number;
@@ -89,6 +96,12 @@ export interface BlockDevice {
    * the caller must use pread. The server tries it first for every read.
    */
   readNow?(buf: Buffer, offset: number): boolean;
+  /**
+   * Optional zero-copy path: where [offset, offset+length) begins with bytes stored as they
+   * are in a host file, that file and where in it (the run may be shorter than `length`).
+   * The server may then send the bytes with sendfile(2). Null: no such run here.
+   */
+  hostRun?(offset: number, length: number): HostRun | null;
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   flush?(): Promise<void>;
   trim?(offset: number, length: number, opts?: WriteOptions): Promise<void>;

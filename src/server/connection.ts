@@ -31,6 +31,7 @@ import { connectionFlags, type ExportTable, type ServedExport } from './exports.
 import type { Logger } from './logger.js';
 import type { MetaContext } from './meta-context.js';
 import { Negotiator, type NegotiationAction, type TlsMode } from './negotiation.js';
+import { growSendBuffer, rangeCached, zeroCopyAvailable } from '../sys/sendfile.js';
 import { ReplyWriter, type ReadSegment } from './replies.js';
 import { commandName, validateRequest, type ValidationContext } from './validate.js';
 
@@ -51,6 +52,8 @@ export interface ConnectionLimits {
   readonly maxReplyBacklogBytes: number;
   /** Structured reads at least this long ask the device for holes and send OFFSET_HOLE chunks. */
   readonly sparseReadMinBytes: number;
+  /** Reads at least this long go from the page cache to the socket with sendfile(2) where they can. */
+  readonly zeroCopyMinBytes: number;
 }
 
 export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = {
@@ -63,6 +66,7 @@ export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = {
   maxDrainBytes: 64 * 1024 * 1024,
   sparseReadMinBytes: 64 * 1024,
   maxReplyBacklogBytes: 4 * 1024 * 1024,
+  zeroCopyMinBytes: 64 * 1024,
 };
 
 /** What a connection needs from its server. */
@@ -88,6 +92,10 @@ const MAX_DESCRIPTORS = 1 << 16;
 /** Replies queued during the handshake above which the client is considered not to read. */
 const HANDSHAKE_BACKLOG_BYTES = 1024 * 1024;
 
+const EMPTY = Buffer.alloc(0);
+/** Asked for on zero-copy connections: see growSendBuffer(). */
+const ZERO_COPY_SEND_BUFFER = 4 * 1024 * 1024;
+
 let nextId = 1;
 
 export class Connection {
@@ -106,6 +114,10 @@ export class Connection {
   private exp: ServedExport | null = null;
   private structured = false;
   private contexts: readonly MetaContext[] = [];
+  /** The socket's descriptor for sendfile(2); -1 when replies must go through the stream (TLS). */
+  private sockFd = -1;
+  /** Zero-copy reads waiting for the stream's queue to empty. */
+  private flushWaiters: (() => void)[] = [];
   private vctx: ValidationContext = { flags: 0, maxPayloadBytes: 0, metaContexts: 0 };
   private inFlight = 0;
   private inFlightBytes = 0;
@@ -412,6 +424,8 @@ export class Connection {
     this.structured = structured;
     this.contexts = contexts;
     this.vctx = { flags, maxPayloadBytes: exp.sizes.maximum, metaContexts: contexts.length };
+    this.sockFd = zeroCopyAvailable() ? plainSocketFd(this.socket) : -1;
+    if (this.sockFd >= 0) growSendBuffer(this.sockFd, ZERO_COPY_SEND_BUFFER);
     this.parser.enterTransmission();
   }
 
@@ -440,8 +454,10 @@ export class Connection {
         this.start(length);
         if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && length >= this.limits.sparseReadMinBytes) {
           void this.runSparseRead(cookie, offset, length);
-        } else {
-          if (!this.readNow(cookie, offset, length)) void this.runRead(cookie, offset, length);
+        } else if (this.zeroCopyable(length)) {
+          void this.runFileRead(cookie, offset, length);
+        } else if (!this.readNow(cookie, offset, length)) {
+          void this.runRead(cookie, offset, length);
         }
         return;
       case NBD_CMD.WRITE:
@@ -511,6 +527,54 @@ export class Connection {
     }
   }
 
+  private zeroCopyable(length: number): boolean {
+    return this.sockFd >= 0 && length >= this.limits.zeroCopyMinBytes;
+  }
+
+  /**
+   * Bytes that sit unchanged in a host file and in its page cache leave with sendfile(2): no
+   * copy through user space. The kernel must see them after everything queued on the stream,
+   * so a congested socket is waited for (a couple of times at most, so that a stream of small
+   * replies cannot starve the read). False: the copying paths must answer.
+   */
+  private async sendFile(cookie: bigint, offset: number, length: number): Promise<boolean> {
+    if (!this.zeroCopyable(length)) return false;
+    const run = this.exp!.backend.hostRun(offset, length);
+    if (run === null || run.length !== length) return false;
+    for (let waits = 0; this.socket.writableLength > 0; waits++) {
+      if (waits === 2 || !this.writable) return false;
+      await this.queueFlushed();
+    }
+    if (!this.writable || !rangeCached(run.fd, run.offset, length)) return false;
+    return this.replies.fileData(cookie, offset, run, this.structured, this.sockFd);
+  }
+
+  /** Resolves once everything written to the stream so far has gone to the kernel. */
+  private queueFlushed(): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.flushWaiters.push(resolve) === 1) this.socket.write(EMPTY, this.onQueueFlushed);
+    });
+  }
+
+  private readonly onQueueFlushed = (): void => {
+    const waiters = this.flushWaiters;
+    this.flushWaiters = [];
+    for (const w of waiters) w();
+  };
+
+  private async runFileRead(cookie: bigint, offset: number, length: number): Promise<void> {
+    let sent: boolean;
+    try {
+      sent = await this.sendFile(cookie, offset, length);
+    } catch (e) {
+      this.failed(cookie, NBD_CMD.READ, e);
+      this.finish(length);
+      return;
+    }
+    if (sent) this.finish(length);
+    else if (!this.readNow(cookie, offset, length)) await this.runRead(cookie, offset, length);
+  }
+
   /** Cached data is read on this thread and answered in the same turn: no promise, no pool hop. */
   private readNow(cookie: bigint, offset: number, length: number): boolean {
     const pool = this.host.pool;
@@ -547,6 +611,7 @@ export class Connection {
     let buf: Buffer | undefined;
     try {
       const segments = await this.readSegments(offset, length);
+      if (segments.length === 1 && !segments[0]!.hole && (await this.sendFile(cookie, offset, length))) return;
       buf = pool.acquire(length);
       const b = buf;
       if (segments.length === 1 && !segments[0]!.hole) {
@@ -641,4 +706,11 @@ function mergeDescriptors(extents: readonly { length: number; flags: number }[],
     if (one) break;
   }
   return out;
+}
+
+/** The descriptor of a plain unix or TCP socket; -1 for anything else (TLS, a test stream). */
+function plainSocketFd(socket: Duplex): number {
+  if ((socket as Partial<TLSSocket>).encrypted === true) return -1;
+  const fd = (socket as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }

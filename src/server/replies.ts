@@ -5,9 +5,13 @@
 // callbacks in order, so a FIFO of buffers pairs each callback with its buffer without a
 // closure per reply.
 
+import { readSync } from 'node:fs';
 import type { Writable } from 'node:stream';
+import type { HostRun } from '../block/device.js';
 import { NBD_ERRNO, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE, SIMPLE_REPLY_SIZE, STRUCTURED_REPLY_HEADER_SIZE } from '../protocol/constants.js';
 import { blockStatusPayloadSize, encodeBlockStatus, encodeChunkHeader, encodeErrorChunk, encodeOffsetHole, encodeSimpleReply, errorChunkSize, OFFSET_DATA_PREFIX, OFFSET_HOLE_SIZE, type BlockDescriptor } from '../protocol/transmission.js';
+import { preadNowait } from '../sys/nowait.js';
+import { sendFileNow, sendNow } from '../sys/sendfile.js';
 import { writeU64 } from '../util/u64.js';
 import type { NbdErrno } from '../errors.js';
 import { REPLY_HEADROOM, type BufferPool } from './buffer-pool.js';
@@ -131,6 +135,64 @@ export class ReplyWriter {
     encodeChunkHeader(pooled, start, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.OFFSET_DATA, cookie, OFFSET_DATA_PREFIX + length);
     writeU64(pooled, offset, start + STRUCTURED_REPLY_HEADER_SIZE);
     this.writePooled(pooled.subarray(start, REPLY_HEADROOM + length), pooled);
+  }
+
+  /**
+   * A read reply whose data goes from the page cache to the socket `sockFd` with sendfile(2),
+   * never copied through user space. Only called with nothing queued on the stream, so the
+   * bytes reach the kernel in order. False when the socket took nothing (the caller replies
+   * the ordinary way); once any byte is out the reply is completed here, what the socket did
+   * not take being copied and queued behind it.
+   */
+  fileData(cookie: bigint, offset: number, run: HostRun, structured: boolean, sockFd: number): boolean {
+    let header: Buffer;
+    if (structured) {
+      header = Buffer.allocUnsafe(DATA_PREFIX);
+      encodeChunkHeader(header, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE.OFFSET_DATA, cookie, OFFSET_DATA_PREFIX + run.length);
+      writeU64(header, offset, STRUCTURED_REPLY_HEADER_SIZE);
+    } else {
+      header = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
+      encodeSimpleReply(header, 0, 0, cookie);
+    }
+    let sent: number;
+    try {
+      sent = sendNow(sockFd, header, true);
+    } catch {
+      // The stream meets the same error on its next write and closes the connection.
+      return false;
+    }
+    if (sent === 0) return false;
+    try {
+      if (sent < header.length) {
+        this.send(header.subarray(sent));
+        this.queueFileTail(run, 0);
+        return true;
+      }
+      const n = sendFileNow(sockFd, run.fd, run.offset, run.length);
+      if (n < run.length) this.queueFileTail(run, n);
+    } catch (e) {
+      this.out.destroy(e as Error);
+    }
+    return true;
+  }
+
+  /** Bytes [from, run.length) of a file run, copied and queued on the stream. */
+  private queueFileTail(run: HostRun, from: number): void {
+    const len = run.length - from;
+    const pooled = this.pool.acquire(len);
+    const view = pooled.subarray(REPLY_HEADROOM, REPLY_HEADROOM + len);
+    // The range was just found cached, so this does not wait for the disk.
+    if (!preadNowait(run.fd, view, run.offset + from)) {
+      for (let done = 0; done < len; ) {
+        const n = readSync(run.fd, view, done, len - done, run.offset + from + done);
+        if (n === 0) {
+          view.fill(0, done);
+          break;
+        }
+        done += n;
+      }
+    }
+    this.writePooled(view, pooled);
   }
 
   /**

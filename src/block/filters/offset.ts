@@ -3,7 +3,7 @@
 // clips extents; a request outside the window is refused here too, so a window can never be
 // used to reach bytes outside it even without a backend on top.
 
-import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../device.js';
+import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, HostRun, WriteOptions, ZeroOptions } from '../device.js';
 import { RequestError, UsageError } from '../../errors.js';
 
 export interface OffsetOptions {
@@ -51,6 +51,11 @@ class OffsetDevice implements BlockDevice {
   readNow(buf: Buffer, offset: number): boolean {
     if (this.next.readNow === undefined || offset < 0 || offset + buf.length > this.sizeBytes) return false;
     return this.next.readNow(buf, offset + this.base);
+  }
+
+  hostRun(offset: number, length: number): HostRun | null {
+    if (this.next.hostRun === undefined || offset < 0 || offset + length > this.sizeBytes) return null;
+    return this.next.hostRun(offset + this.base, length);
   }
 
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {

@@ -2,7 +2,7 @@
 // pwrite/trim/zero the backend answers writes with EPERM, as nbd-proto.md asks for a
 // read-only export.
 
-import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions } from '../device.js';
+import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, HostRun } from '../device.js';
 
 class ReadOnlyDevice implements BlockDevice {
   readonly sizeBytes: number;
@@ -40,6 +40,10 @@ class ReadOnlyDevice implements BlockDevice {
 
   readNow(buf: Buffer, offset: number): boolean {
     return this.next.readNow?.(buf, offset) ?? false;
+  }
+
+  hostRun(offset: number, length: number): HostRun | null {
+    return this.next.hostRun?.(offset, length) ?? null;
   }
 
   extents?(offset: number, length: number, opts?: ExtentsOptions): Promise<Extent[]> {

@@ -12,6 +12,7 @@ import {
   type Capabilities,
   type Extent,
   type ExtentsOptions,
+  type HostRun,
   type ZeroOptions,
 } from '../../block/device.js';
 import { writeZeros } from '../../block/zero-buffer.js';
@@ -98,6 +99,11 @@ export class RawDevice implements BlockDevice {
 
   readNow(buf: Buffer, offset: number): boolean {
     return offset + buf.length <= this.sizeBytes && preadNowait(this.fd, buf, offset);
+  }
+
+  hostRun(offset: number, length: number): HostRun | null {
+    if (offset < 0 || offset + length > this.sizeBytes) return null;
+    return { fd: this.fd, offset, length };
   }
 
   pwrite(buf: Buffer, offset: number): Promise<void> {
