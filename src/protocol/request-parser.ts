@@ -53,6 +53,12 @@ export interface RequestParserLimits {
    * given size. Without it, a fresh buffer each time (whose pages the kernel must fault in).
    */
   readonly allocPayload?: (length: number) => Buffer;
+  /**
+   * Write payloads at least this long (with `allocPayload`) are filled in place: their buffer
+   * is taken when the header is parsed and what arrives is copied, or read (fillTarget), into
+   * it directly. Default: never.
+   */
+  readonly fillInPlaceMinBytes?: number;
 }
 
 export const DEFAULT_PARSER_LIMITS: RequestParserLimits = {
@@ -73,6 +79,10 @@ export class RequestParser {
   private pendingOption: { option: number; length: number } | null = null;
   /** Write request header seen, waiting for its payload. */
   private pendingWrite: RequestMessage | null = null;
+  /** The payload of pendingWrite being filled in place, and how much of it has arrived. */
+  private fill: { owner: Buffer; payload: Buffer; at: number } | null = null;
+  /** The last message was a write filled in place: the stream is probably one of large writes. */
+  private lastFilled = false;
 
   constructor(phase: ParserPhase = 'client-flags', limits: Partial<RequestParserLimits> = {}) {
     this.phaseValue = phase;
@@ -94,7 +104,38 @@ export class RequestParser {
   }
 
   push(chunk: Buffer): void {
+    const f = this.fill;
+    if (f !== null && f.at < f.payload.length) {
+      const take = Math.min(chunk.length, f.payload.length - f.at);
+      chunk.copy(f.payload, f.at, 0, take);
+      f.at += take;
+      chunk = chunk.subarray(take);
+    }
     this.queue.push(chunk);
+  }
+
+  /**
+   * Where the next bytes of the stream belong when they are the rest of a payload being filled
+   * in place: the caller may read the socket straight into it, then call filled(). Null otherwise.
+   */
+  fillTarget(): Buffer | null {
+    const f = this.fill;
+    return f !== null && f.at < f.payload.length ? f.payload.subarray(f.at) : null;
+  }
+
+  /** `n` bytes were read into the buffer fillTarget() returned. */
+  filled(n: number): void {
+    const f = this.fill;
+    if (f === null || f.at + n > f.payload.length) throw new RangeError('filled() beyond the payload being filled');
+    f.at += n;
+  }
+
+  /**
+   * How much to read next when not filling: after a large write, the next message is likely
+   * another one, and reading just its header lets the payload after it be read in place.
+   */
+  nextReadBytes(defaultBytes: number): number {
+    return this.lastFilled && this.queue.length === 0 ? REQUEST_SIZE : defaultBytes;
   }
 
   /** Switch to option haggling (after the client flags; again after STARTTLS on the new stream). */
@@ -115,6 +156,7 @@ export class RequestParser {
     this.skipping = 0;
     this.pendingOption = null;
     this.pendingWrite = null;
+    this.fill = null;
     this.phaseValue = phase;
   }
 
@@ -174,6 +216,7 @@ export class RequestParser {
         return null;
       }
       const req = decodeRequest(this.queue.consume(REQUEST_SIZE));
+      this.lastFilled = false;
       if (req.type !== NBD_CMD.WRITE || req.length === 0) {
         return { kind: 'request', ...req, payload: req.type === NBD_CMD.WRITE ? EMPTY : undefined, oversized: false };
       }
@@ -188,6 +231,15 @@ export class RequestParser {
       }
       pending = { kind: 'request', ...req, payload: undefined, oversized: false };
       this.pendingWrite = pending;
+      this.startFill(pending.length);
+    }
+    const f = this.fill;
+    if (f !== null) {
+      if (f.at < f.payload.length) return null;
+      this.fill = null;
+      this.pendingWrite = null;
+      this.lastFilled = true;
+      return { ...pending, payload: f.payload, payloadOwner: f.owner };
     }
     if (this.queue.length < pending.length) return null;
     this.pendingWrite = null;
@@ -199,8 +251,18 @@ export class RequestParser {
     return { ...pending, payload, payloadOwner: owner };
   }
 
+  private startFill(length: number): void {
+    const alloc = this.limits.allocPayload;
+    if (alloc === undefined || length < (this.limits.fillInPlaceMinBytes ?? Infinity) || this.queue.length >= length) return;
+    const owner = alloc(length);
+    const payload = owner.subarray(owner.length - length);
+    const at = this.queue.length;
+    this.queue.copyOut(payload, 0, at);
+    this.fill = { owner, payload, at };
+  }
+
   private assertBoundary(): void {
-    if (this.skipping > 0 || this.pendingOption !== null || this.pendingWrite !== null) {
+    if (this.skipping > 0 || this.pendingOption !== null || this.pendingWrite !== null || this.fill !== null) {
       throw new ProtocolError('ERR_NBD_PHASE', 'phase change in the middle of a message');
     }
   }

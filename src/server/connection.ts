@@ -8,7 +8,7 @@
 // that has not reached transmission within `handshakeTimeoutMs` is dropped (CVE-2024-7409:
 // a stalled client must not pin the server, nor block its shutdown).
 
-import type { Socket } from 'node:net';
+import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { EXTENT_ZERO, type WriteOptions, type ZeroOptions } from '../block/device.js';
@@ -31,6 +31,7 @@ import { connectionFlags, type ExportTable, type ServedExport } from './exports.
 import type { Logger } from './logger.js';
 import type { MetaContext } from './meta-context.js';
 import { Negotiator, type NegotiationAction, type TlsMode } from './negotiation.js';
+import { duplicateFd } from '../sys/namespace.js';
 import { growSendBuffer, rangeCached, zeroCopyAvailable } from '../sys/sendfile.js';
 import { ReplyWriter, type ReadSegment } from './replies.js';
 import { commandName, validateRequest, type ValidationContext } from './validate.js';
@@ -93,6 +94,10 @@ const MAX_DESCRIPTORS = 1 << 16;
 const HANDSHAKE_BACKLOG_BYTES = 1024 * 1024;
 
 const EMPTY = Buffer.alloc(0);
+/** Reads that are not into a write payload: Node's own size for stream reads. */
+const READ_CHUNK_BYTES = 64 * 1024;
+/** Write payloads at least this long are read in place (see RequestParser.fillTarget). */
+const FILL_IN_PLACE_MIN_BYTES = 64 * 1024;
 /** Asked for on zero-copy connections: see growSendBuffer(). */
 const ZERO_COPY_SEND_BUFFER = 4 * 1024 * 1024;
 
@@ -116,6 +121,10 @@ export class Connection {
   private contexts: readonly MetaContext[] = [];
   /** The socket's descriptor for sendfile(2); -1 when replies must go through the stream (TLS). */
   private sockFd = -1;
+  /** The write payload the socket is reading into (see nextReadBuffer). */
+  private fillBuffer: Buffer | null = null;
+  /** Moving to a socket of our own: nothing is read until it is done. */
+  private rehoming = false;
   /** Zero-copy reads waiting for the stream's queue to empty. */
   private flushWaiters: (() => void)[] = [];
   private vctx: ValidationContext = { flags: 0, maxPayloadBytes: 0, metaContexts: 0 };
@@ -144,6 +153,7 @@ export class Connection {
       maxPayloadBytes: this.limits.maxPayloadBytes,
       maxDrainBytes: this.limits.maxDrainBytes,
       allocPayload: (n) => host.pool.acquire(n),
+      fillInPlaceMinBytes: FILL_IN_PLACE_MIN_BYTES,
     });
     this.replies = new ReplyWriter(socket, host.pool);
     this.attach(socket);
@@ -188,6 +198,24 @@ export class Connection {
   private readonly onData = (chunk: Buffer): void => {
     this.parser.push(chunk);
     this.pump();
+  };
+
+  /**
+   * Where the socket reads next: straight into the payload of a large write being received,
+   * else a fresh buffer (views into it may outlive the read, as payloads of small writes).
+   */
+  private readonly nextReadBuffer = (): Buffer => {
+    const target = this.parser.fillTarget();
+    this.fillBuffer = target;
+    return target ?? Buffer.allocUnsafeSlow(this.parser.nextReadBytes(READ_CHUNK_BYTES));
+  };
+
+  private readonly onReadInto = (n: number, buf: Uint8Array): boolean => {
+    if (buf === this.fillBuffer) this.parser.filled(n);
+    else this.parser.push((buf as Buffer).subarray(0, n));
+    this.pump();
+    // Flow control pauses and resumes the socket itself.
+    return true;
   };
 
   private readonly onDrain = (): void => {
@@ -301,6 +329,7 @@ export class Connection {
         return this.socket.writableLength > HANDSHAKE_BACKLOG_BYTES;
       case 'transmission':
         return (
+          this.rehoming ||
           this.inFlight >= this.limits.maxInFlightRequests ||
           this.inFlightBytes + this.socket.writableLength > this.limits.maxInFlightBytes ||
           // Replies the client has not taken yet: starting more work would only grow the queue
@@ -424,9 +453,53 @@ export class Connection {
     this.structured = structured;
     this.contexts = contexts;
     this.vctx = { flags, maxPayloadBytes: exp.sizes.maximum, metaContexts: contexts.length };
-    this.sockFd = zeroCopyAvailable() ? plainSocketFd(this.socket) : -1;
-    if (this.sockFd >= 0) growSendBuffer(this.sockFd, ZERO_COPY_SEND_BUFFER);
     this.parser.enterTransmission();
+    const fd = plainSocketFd(this.socket);
+    if (fd >= 0 && this.negotiator !== null && this.socket instanceof Socket) this.moveToOwnSocket(this.socket, fd);
+    else this.useSocketFd(fd);
+  }
+
+  private useSocketFd(fd: number): void {
+    this.sockFd = fd >= 0 && zeroCopyAvailable() ? fd : -1;
+    if (this.sockFd >= 0) growSendBuffer(this.sockFd, ZERO_COPY_SEND_BUFFER);
+  }
+
+  /**
+   * Carry on over a socket of our own on the same connection (a duplicate descriptor), created
+   * so that it reads into buffers we choose: a large write's payload then lands where it is
+   * written from, with no copy. The handshake's last reply leaves first; requests the client
+   * has already sent stay in the kernel, or in the old socket's buffer, and are carried over.
+   */
+  private moveToOwnSocket(old: Socket, fd: number): void {
+    this.rehoming = true;
+    old.pause();
+    const move = (): void => {
+      this.rehoming = false;
+      if (this.phase !== 'transmission' || old.destroyed) return;
+      let own: Socket;
+      try {
+        // `onread` is a Socket constructor option since Node 12; the typings only list it for connect().
+        const opts: SocketConstructorOpts & { onread: OnReadOpts } = { fd: duplicateFd(fd), readable: true, writable: true, onread: { buffer: this.nextReadBuffer, callback: this.onReadInto } };
+        own = new Socket(opts);
+      } catch (e) {
+        this.host.logger.warn(`connection ${this.id}: staying on the accepted socket: ${(e as Error).message}`);
+        this.useSocketFd(fd);
+        this.pump();
+        return;
+      }
+      for (let c = old.read() as Buffer | null; c !== null; c = old.read() as Buffer | null) this.parser.push(c);
+      this.detach(old);
+      old.on('error', () => {});
+      old.destroy();
+      this.socket = own;
+      this.replies.retarget(own);
+      this.paused = false;
+      this.attach(own);
+      this.useSocketFd(plainSocketFd(own));
+      this.pump();
+    };
+    if (old.writableLength === 0) move();
+    else old.write(EMPTY, move);
   }
 
   // ---- transmission -----------------------------------------------------------------------

@@ -37,6 +37,7 @@ const F_GETFD = 1;
 const F_SETFD = 2;
 const F_GETFL = 3;
 const F_SETFL = 4;
+const F_DUPFD_CLOEXEC = 1030;
 const FD_CLOEXEC = 1;
 const O_NONBLOCK = 0o4000;
 const SIG_SETMASK = 2;
@@ -145,6 +146,11 @@ export function setParentDeathSignal(signo: number): void {
 export function setCloseOnExec(fd: number, on: boolean): void {
   const flags = check(lib().fcntl(fd, F_GETFD, 0), 'fcntl(F_GETFD)');
   check(lib().fcntl(fd, F_SETFD, on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC), 'fcntl(F_SETFD)');
+}
+
+/** A new descriptor for the same open file (F_DUPFD_CLOEXEC), which outlives closing `fd`. */
+export function duplicateFd(fd: number): number {
+  return check(lib().fcntl(fd, F_DUPFD_CLOEXEC, 0), 'fcntl(F_DUPFD_CLOEXEC)');
 }
 
 /** Back to blocking mode: a program given a non-blocking stdio fails its writes with EAGAIN. */

@@ -183,3 +183,36 @@ for (const structured of [false, true]) {
     assert.equal(seen.size, reqs.length);
   });
 }
+
+test('requests sent right behind NBD_OPT_GO, before its reply, are served (large writes too)', async (t) => {
+  const dir = tempDir(t);
+  const img = join(dir, 'data.raw');
+  const before = randomBytes(4 * MiB);
+  const fd = openSync(img, 'w');
+  writeSync(fd, before);
+  closeSync(fd);
+  const srv = await startServer(t, { exports: [{ name: '', device: await openRawDevice(t, img), readOnly: false }] }, dir);
+  const c = await RawNbdClient.open(srv.socketPath);
+  t.after(() => c.destroy());
+  await c.greet();
+  const payload = randomBytes(MiB + 17);
+  // GO, a large write and a read elsewhere in one go: the server changes sockets in between.
+  c.option(7, Buffer.from('00000000' + '0000', 'hex'));
+  c.request(1, 0, 1n, 4096n, payload.length, payload);
+  c.request(READ, 0, 2n, BigInt(3 * MiB), 4096);
+  const replies = await c.optReplies();
+  assert.equal(replies[replies.length - 1]!.type, 1, 'NBD_REP_ACK');
+  const seen = new Set<bigint>();
+  for (let i = 0; i < 2; i++) {
+    const r = await c.simpleReply();
+    assert.equal(r.error, 0);
+    seen.add(r.cookie);
+    if (r.cookie === 2n) assert.ok((await c.read(4096)).equals(before.subarray(3 * MiB, 3 * MiB + 4096)));
+  }
+  assert.deepEqual([...seen].sort(), [1n, 2n]);
+  c.request(READ, 0, 3n, 4096n, payload.length);
+  const r = await c.simpleReply();
+  assert.deepEqual([r.cookie, r.error], [3n, 0]);
+  assert.ok((await c.read(payload.length)).equals(payload));
+  assert.ok(readFileSync(img).subarray(4096, 4096 + payload.length).equals(payload));
+});

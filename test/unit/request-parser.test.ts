@@ -215,3 +215,81 @@ test('a bad request magic is refused as soon as 4 bytes are in, not after 28', (
   q.push(hex('256095'));
   assert.equal(q.next(), null);
 });
+
+/** A write request header built by hand: NBD_CMD_WRITE, `cookie`, `offset`, `length`. */
+function writeHeader(cookie: number, offset: number, length: number): Buffer {
+  const h = Buffer.alloc(28);
+  h.writeUInt32BE(0x25609513, 0);
+  h.writeUInt16BE(1, 6);
+  h.writeBigUInt64BE(BigInt(cookie), 8);
+  h.writeBigUInt64BE(BigInt(offset), 16);
+  h.writeUInt32BE(length, 24);
+  return h;
+}
+
+test('property: large payloads filled in place, by pushes and by reads into fillTarget, come out whole', () => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.record({ length: fc.integer({ min: 1, max: 300_000 }), seed: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 6 }),
+      fc.array(fc.integer({ min: 1, max: 200_000 }), { minLength: 1, maxLength: 40 }),
+      fc.array(fc.boolean(), { minLength: 1, maxLength: 40 }),
+      (writes, cuts, useTarget) => {
+        const payloads = writes.map((w) => Buffer.alloc(w.length, w.seed));
+        const stream = Buffer.concat(writes.flatMap((w, i) => [writeHeader(i + 1, i * 4096, w.length), payloads[i]!]));
+        const owners: Buffer[] = [];
+        const p = new RequestParser('transmission', {
+          allocPayload: (n) => {
+            const b = Buffer.alloc(n + 32, 0xee);
+            owners.push(b);
+            return b;
+          },
+          fillInPlaceMinBytes: 65536,
+        });
+        const out: ClientMessage[] = [];
+        const drain = (): void => {
+          for (let m = p.next(); m !== null; m = p.next()) out.push(m);
+        };
+        let pos = 0;
+        for (let i = 0; pos < stream.length; i++) {
+          const target = useTarget[i % useTarget.length] ? p.fillTarget() : null;
+          if (target !== null) {
+            // The socket reads straight into the payload: at most what is left of it.
+            const n = Math.min(cuts[i % cuts.length]!, target.length, stream.length - pos);
+            stream.copy(target, 0, pos, pos + n);
+            p.filled(n);
+            pos += n;
+          } else {
+            const n = Math.min(cuts[i % cuts.length]!, p.nextReadBytes(65536), stream.length - pos);
+            p.push(Buffer.from(stream.subarray(pos, pos + n)));
+            pos += n;
+          }
+          drain();
+        }
+        assert.equal(out.length, writes.length);
+        out.forEach((m, i) => {
+          assert.equal(m.kind, 'request');
+          const r = m as Extract<ClientMessage, { kind: 'request' }>;
+          assert.equal(r.cookie, BigInt(i + 1));
+          assert.ok(r.payload!.equals(payloads[i]!), `payload ${i}`);
+          // Filled payloads live in a buffer from allocPayload, handed back with the message.
+          if (writes[i]!.length >= 65536) assert.ok(r.payloadOwner !== undefined && owners.includes(r.payloadOwner));
+        });
+        assert.equal(p.fillTarget(), null);
+        assert.ok(p.idle);
+      },
+    ),
+    { numRuns: 200 },
+  );
+});
+
+test('filled() past the payload being filled is refused', () => {
+  const p = new RequestParser('transmission', { allocPayload: (n) => Buffer.alloc(n), fillInPlaceMinBytes: 1024 });
+  p.push(writeHeader(1, 0, 4096));
+  assert.equal(p.next(), null);
+  assert.equal(p.fillTarget()!.length, 4096);
+  assert.throws(() => p.filled(4097), RangeError);
+  p.filled(4096);
+  assert.equal(p.next()?.kind, 'request');
+  // After a large write the next read is sized for a header, so its payload can be read in place.
+  assert.equal(p.nextReadBytes(65536), 28);
+});

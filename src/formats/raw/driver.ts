@@ -19,6 +19,7 @@ import { writeZeros } from '../../block/zero-buffer.js';
 import { RequestError } from '../../errors.js';
 import { FileZeroing } from '../../io/file-zeroing.js';
 import { HostFile } from '../../io/host-file.js';
+import { WriteCombiner } from '../../io/write-combiner.js';
 import { isNotSupported } from '../../sys/errno.js';
 import {
   adviseWillNeed,
@@ -55,11 +56,13 @@ export class RawDevice implements BlockDevice {
   // Remembered refusals, so an unsupported fallocate mode costs one syscall, not one per request.
   private readonly zeroing: FileZeroing;
   private seekUnsupported = false;
+  private readonly writes: WriteCombiner | null;
 
   constructor(file: HostFile, sizeBytes: number, sectorBytes: number, physicalBytes: number, probedRaw: boolean, rotational = false) {
     this.file = file;
     this.fd = file.fd;
     this.zeroing = new FileZeroing(file);
+    this.writes = file.readOnly ? null : new WriteCombiner(file.fd);
     this.sizeBytes = sizeBytes;
     this.sectorBytes = sectorBytes;
     const writable = !file.readOnly;
@@ -109,7 +112,7 @@ export class RawDevice implements BlockDevice {
   pwrite(buf: Buffer, offset: number): Promise<void> {
     if (offset + buf.length > this.sizeBytes) return Promise.reject(beyondEnd(offset, buf.length, this.sizeBytes));
     if (this.guardHead && offset < PROBE_HEAD_BYTES && buf.length > 0) return this.guardedWrite(buf, offset);
-    return this.file.pwrite(buf, offset);
+    return this.writes === null ? this.file.pwrite(buf, offset) : this.writes.write(buf, offset);
   }
 
   private async guardedWrite(buf: Buffer, offset: number): Promise<void> {
