@@ -8,7 +8,7 @@ import { describe, it, type TestContext } from 'node:test';
 import { requirePeers, runOk, tempDir } from '../helpers/peers.js';
 import { runImgbdOk, serveImgbd, stopServe } from './qcow2-cli-helpers.js';
 
-const PEERS = ['qemu-img', 'qemu-io', 'nbdinfo'];
+const PEERS = ['qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy'];
 
 interface Case {
   readonly name: string;
@@ -177,6 +177,10 @@ async function checkServed(t: TestContext, c: Case): Promise<void> {
   const served = await serveImgbd(t, join(dir, 'nbd.sock'), ['-f', 'qcow2', '-r', '-t', '-e', '0', image]);
   try {
     await runOk('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, served.uri]);
+    // nbdcopy's 256 KiB requests over four connections take the zero-copy path where they can.
+    const copy = join(dir, 'copy.raw');
+    await runOk('nbdcopy', [served.uri, copy]);
+    await runOk('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, copy]);
     assert.deepEqual(await nbdMap(served.uri), await qemuMap(image));
     // imgbd info must describe the image as qemu-img info does (same file, same moment).
     const ours = JSON.parse(await runImgbdOk(['info', '--json', image])) as Record<string, unknown>;

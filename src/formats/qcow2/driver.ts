@@ -16,10 +16,11 @@
 
 import { readFromBacking } from '../../block/backing-read.js';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, WriteOptions, ZeroOptions } from '../../block/device.js';
+import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, HostRun, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
 import { blockDeviceSize } from '../../sys/libc.js';
+import { preadNowait } from '../../sys/nowait.js';
 import { CompressedAllocator, planTrim, planWrite, planZero, touchedSubclusters, type ClusterPlan, type EntryUpdate } from './alloc.js';
 import { compressCluster, decompressCluster } from './compress.js';
 import { collectAllocationDepth, collectExtents, type StatusSource } from './extents.js';
@@ -34,6 +35,7 @@ import {
   QCOW2_INCOMPAT,
   type Qcow2Header,
 } from './header.js';
+import { mapHostRun, type HostRunSource } from './host-run.js';
 import { TableCache } from './l2-cache.js';
 import { Mutex, RangeLock, SyncBatcher } from './locks.js';
 import {
@@ -503,6 +505,40 @@ export class Qcow2Device implements BlockDevice {
   }
 
   // ---- reads ---------------------------------------------------------------------------------
+
+  /** What mapHostRun reads of this image; its getters see the current tables. */
+  private runSourceValue: HostRunSource | null = null;
+
+  private get runSource(): HostRunSource {
+    if (this.runSourceValue === null) {
+      // eslint-disable-next-line @typescript-eslint/no-this-alias
+      const dev = this;
+      this.runSourceValue = {
+        geometry: this.geometry,
+        get l1Offsets() {
+          return dev.l1Offsets;
+        },
+        peekTable: (off) => this.l2Cache.peek(off),
+        get fileEnd() {
+          return dev.state.fileEnd;
+        },
+        dataFd: this.data.fd,
+        checkDataCluster: (host, cluster) => this.checkDataCluster(host, cluster),
+      };
+    }
+    return this.runSourceValue;
+  }
+
+  hostRun(offset: number, length: number): HostRun | null {
+    if (this.closed || !Number.isSafeInteger(offset) || offset < 0 || length <= 0 || offset + length > this.sizeBytes) return null;
+    return mapHostRun(this.runSource, offset, length);
+  }
+
+  /** Plain data whose L2 entries are cached and whose bytes are in the page cache: read here and now. */
+  readNow(buf: Buffer, offset: number): boolean {
+    const run = this.hostRun(offset, buf.length);
+    return run !== null && run.length === buf.length && preadNowait(run.fd, buf, run.offset);
+  }
 
   async pread(buf: Buffer, offset: number): Promise<void> {
     this.checkRange(offset, buf.length);

@@ -45,6 +45,11 @@ export class TableCache {
     return p;
   }
 
+  /** The table at `hostOffset` if it is cached (recency unchanged), without loading it. */
+  peek(hostOffset: number): Buffer | undefined {
+    return this.tables.get(hostOffset);
+  }
+
   private async loadFresh(hostOffset: number): Promise<Buffer> {
     for (;;) {
       await this.writing.get(hostOffset);
