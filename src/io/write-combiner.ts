@@ -1,7 +1,9 @@
-// Writes that arrive in one event-loop turn and follow each other in the file leave as one
-// pwritev(2): a stream of 256 KiB sequential writes then costs one thread-pool round trip per
-// few MiB instead of one per request. Each write's promise settles when the pwritev that
-// carried it has; nothing is acknowledged earlier than it would have been alone.
+// Writes that follow each other in the file leave as one pwritev(2): those that arrive in one
+// event-loop turn, and those that arrive while the write just before them is still in the
+// thread pool (they queue behind it and go together when it completes). A stream of 256 KiB
+// sequential writes then costs one thread-pool round trip per few MiB instead of one per
+// request. Each write's promise settles when the pwritev that carried it has; nothing is
+// acknowledged earlier than it would have been alone.
 
 import { writev } from 'node:fs';
 
@@ -18,53 +20,80 @@ interface Run {
 }
 
 export class WriteCombiner {
-  private runs: Run[] = [];
+  /** Runs not yet issued, by the offset where they end (where a next write would extend them). */
+  private readonly open = new Map<number, Run>();
+  /** Runs to issue at the end of this turn. */
+  private ready: Run[] = [];
+  /** Runs waiting for the in-flight run that ends where they start, by that offset. */
+  private readonly behind = new Map<number, Run>();
+  /** End offsets of runs in the thread pool. */
+  private readonly inFlightEnds = new Set<number>();
   private scheduled = false;
 
   constructor(private readonly fd: number) {}
 
   write(buf: Buffer, offset: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      const last = this.runs[this.runs.length - 1];
-      if (last !== undefined && last.offset + last.bytes === offset && last.bytes + buf.length <= MAX_RUN_BYTES && last.bufs.length < MAX_RUN_BUFFERS) {
-        last.bufs.push(buf);
-        last.bytes += buf.length;
-        last.waiters.push({ resolve, reject });
-      } else {
-        this.runs.push({ offset, bytes: buf.length, bufs: [buf], waiters: [{ resolve, reject }] });
+      const run = this.open.get(offset);
+      if (run !== undefined && run.bytes + buf.length <= MAX_RUN_BYTES && run.bufs.length < MAX_RUN_BUFFERS) {
+        this.open.delete(offset);
+        run.bufs.push(buf);
+        run.bytes += buf.length;
+        run.waiters.push({ resolve, reject });
+        this.open.set(offset + buf.length, run);
+        return;
       }
+      const fresh: Run = { offset, bytes: buf.length, bufs: [buf], waiters: [{ resolve, reject }] };
+      this.open.set(offset + buf.length, fresh);
+      if (this.inFlightEnds.has(offset) && !this.behind.has(offset)) {
+        this.behind.set(offset, fresh);
+        return;
+      }
+      this.ready.push(fresh);
       if (!this.scheduled) {
         this.scheduled = true;
-        setImmediate(this.issue);
+        setImmediate(this.issueReady);
       }
     });
   }
 
-  private readonly issue = (): void => {
+  private readonly issueReady = (): void => {
     this.scheduled = false;
-    const runs = this.runs;
-    this.runs = [];
-    for (const run of runs) this.writeRun(run, run.bufs, run.offset);
+    const runs = this.ready;
+    this.ready = [];
+    for (const run of runs) this.issue(run);
   };
 
-  private writeRun(run: Run, bufs: Buffer[], offset: number): void {
-    writev(this.fd, bufs, offset, (err, n) => {
-      if (err) {
-        for (const w of run.waiters) w.reject(err);
-        return;
+  private issue(run: Run): void {
+    const end = run.offset + run.bytes;
+    // No more appends: a write arriving now starts a run of its own, behind this one.
+    if (this.open.get(end) === run) this.open.delete(end);
+    this.inFlightEnds.add(end);
+    this.writeRun(run, run.bufs, run.offset, (err) => {
+      this.inFlightEnds.delete(end);
+      for (const w of run.waiters) {
+        if (err) w.reject(err);
+        else w.resolve();
       }
+      const next = this.behind.get(end);
+      if (next !== undefined) {
+        this.behind.delete(end);
+        this.issue(next);
+      }
+    });
+  }
+
+  private writeRun(run: Run, bufs: Buffer[], offset: number, done: (err: Error | null) => void): void {
+    writev(this.fd, bufs, offset, (err, n) => {
+      if (err) return done(err);
       const rest = skipBytes(bufs, n);
-      if (n === 0 && rest.length > 0) {
+      if (rest.length === 0) return done(null);
+      if (n === 0) {
         const e = new Error(`pwritev made no progress at offset ${offset}`) as NodeJS.ErrnoException;
         e.code = 'EIO';
-        for (const w of run.waiters) w.reject(e);
-        return;
+        return done(e);
       }
-      if (rest.length === 0) {
-        for (const w of run.waiters) w.resolve();
-        return;
-      }
-      this.writeRun(run, rest, offset + n);
+      this.writeRun(run, rest, offset + n, done);
     });
   }
 }
