@@ -81,6 +81,12 @@ export class RequestParser {
   private pendingWrite: RequestMessage | null = null;
   /** The payload of pendingWrite being filled in place, and how much of it has arrived. */
   private fill: { owner: Buffer; payload: Buffer; at: number } | null = null;
+  /**
+   * Write payloads handed out as views into pushed chunks, ever: while it is unchanged and
+   * nothing is buffered, no chunk pushed before is referenced any more and its memory may be
+   * reused for the next read.
+   */
+  viewsOut = 0;
   /** The last message was a write filled in place: the stream is probably one of large writes. */
   private lastFilled = false;
 
@@ -244,7 +250,10 @@ export class RequestParser {
     if (this.queue.length < pending.length) return null;
     this.pendingWrite = null;
     const alloc = this.limits.allocPayload;
-    if (alloc === undefined || this.queue.contiguous(pending.length)) return { ...pending, payload: this.queue.consume(pending.length) };
+    if (alloc === undefined || this.queue.contiguous(pending.length)) {
+      this.viewsOut++;
+      return { ...pending, payload: this.queue.consume(pending.length) };
+    }
     const owner = alloc(pending.length);
     const payload = owner.subarray(owner.length - pending.length);
     this.queue.copyOut(payload, 0, pending.length);

@@ -121,6 +121,9 @@ export class Connection {
   private contexts: readonly MetaContext[] = [];
   /** The socket's descriptor for sendfile(2); -1 when replies must go through the stream (TLS). */
   private sockFd = -1;
+  /** Memory for reads not into a payload, reused while nothing refers to it (see nextReadBuffer). */
+  private staging: Buffer | null = null;
+  private stagingViews = 0;
   /** The write payload the socket is reading into (see nextReadBuffer). */
   private fillBuffer: Buffer | null = null;
   /** Moving to a socket of our own: nothing is read until it is done. */
@@ -207,7 +210,14 @@ export class Connection {
   private readonly nextReadBuffer = (): Buffer => {
     const target = this.parser.fillTarget();
     this.fillBuffer = target;
-    return target ?? Buffer.allocUnsafeSlow(this.parser.nextReadBytes(READ_CHUNK_BYTES));
+    if (target !== null) return target;
+    const size = this.parser.nextReadBytes(READ_CHUNK_BYTES);
+    // A stream of requests without payloads (reads) keeps reading into the same memory.
+    if (this.staging === null || this.parser.buffered > 0 || this.parser.viewsOut !== this.stagingViews) {
+      this.staging = Buffer.allocUnsafeSlow(READ_CHUNK_BYTES);
+      this.stagingViews = this.parser.viewsOut;
+    }
+    return this.staging.subarray(0, size);
   };
 
   private readonly onReadInto = (n: number, buf: Uint8Array): boolean => {
