@@ -20,10 +20,18 @@ export function zeroRuns(buf: Buffer, grainBytes: number): [number, number, bool
   const runs: [number, number, boolean][] = [];
   for (let pos = 0; pos < buf.length; pos += grainBytes) {
     const end = Math.min(buf.length, pos + grainBytes);
-    const zero = isAllZero(buf.subarray(pos, end));
+    // Data usually shows a nonzero byte at once: look at a few before comparing the whole grain.
+    const zero = !nonzeroNear(buf, pos, end) && isAllZero(buf.subarray(pos, end));
     const last = runs[runs.length - 1];
     if (last && last[2] === zero) last[1] = end;
     else runs.push([pos, end, zero]);
   }
   return runs;
+}
+
+/** Any nonzero byte among the first 16 of [pos, end). */
+function nonzeroNear(buf: Buffer, pos: number, end: number): boolean {
+  const stop = Math.min(end, pos + 16);
+  for (let i = pos; i < stop; i++) if (buf[i] !== 0) return true;
+  return false;
 }

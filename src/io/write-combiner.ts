@@ -1,9 +1,12 @@
 // Writes that follow each other in the file leave as one pwritev(2): those that arrive in one
-// event-loop turn, and those that arrive while the write just before them is still in the
-// thread pool (they queue behind it and go together when it completes). A stream of 256 KiB
-// sequential writes then costs one thread-pool round trip per few MiB instead of one per
-// request. Each write's promise settles when the pwritev that carried it has; nothing is
-// acknowledged earlier than it would have been alone.
+// event-loop turn, and those that arrive while earlier writes are still in the thread pool
+// (they wait, and go together when their turn comes). A stream of 256 KiB sequential writes
+// then costs one thread-pool round trip per few MiB instead of one per request. Each write's
+// promise settles when the pwritev that carried it has; nothing is acknowledged earlier than it
+// would have been alone.
+//
+// A regular file takes one pwritev at a time: Linux file systems serialise buffered writes to
+// one file on the inode lock, so more would only spin on it, and waiting writes merge better.
 
 import { writev } from 'node:fs';
 
@@ -22,15 +25,18 @@ interface Run {
 export class WriteCombiner {
   /** Runs not yet issued, by the offset where they end (where a next write would extend them). */
   private readonly open = new Map<number, Run>();
-  /** Runs to issue at the end of this turn. */
-  private ready: Run[] = [];
-  /** Runs waiting for the in-flight run that ends where they start, by that offset. */
-  private readonly behind = new Map<number, Run>();
-  /** End offsets of runs in the thread pool. */
+  /** Runs not yet issued, oldest first. */
+  private queue: Run[] = [];
+  /** End offsets of runs in the thread pool: a run starting there waits for it. */
   private readonly inFlightEnds = new Set<number>();
+  private inFlight = 0;
   private scheduled = false;
 
-  constructor(private readonly fd: number) {}
+  /** `maxInFlight`: pwritevs at once (1 for a regular file, more for a block device). */
+  constructor(
+    private readonly fd: number,
+    private readonly maxInFlight = 1,
+  ) {}
 
   write(buf: Buffer, offset: number): Promise<void> {
     return new Promise((resolve, reject) => {
@@ -45,45 +51,50 @@ export class WriteCombiner {
       }
       const fresh: Run = { offset, bytes: buf.length, bufs: [buf], waiters: [{ resolve, reject }] };
       this.open.set(offset + buf.length, fresh);
-      if (this.inFlightEnds.has(offset) && !this.behind.has(offset)) {
-        this.behind.set(offset, fresh);
-        return;
-      }
-      this.ready.push(fresh);
+      this.queue.push(fresh);
       if (!this.scheduled) {
+        // The end of the turn: writes arriving meanwhile still join the run.
         this.scheduled = true;
-        setImmediate(this.issueReady);
+        setImmediate(this.onTurnEnd);
       }
     });
   }
 
-  private readonly issueReady = (): void => {
+  private readonly onTurnEnd = (): void => {
     this.scheduled = false;
-    const runs = this.ready;
-    this.ready = [];
-    for (const run of runs) this.issue(run);
+    this.issueReady();
   };
+
+  private issueReady(): void {
+    if (this.inFlight >= this.maxInFlight || this.queue.length === 0) return;
+    const keep: Run[] = [];
+    for (const run of this.queue) {
+      // A run that continues one in flight waits for it: it would only take the inode lock
+      // after it anyway, and meanwhile it can grow.
+      if (this.inFlight < this.maxInFlight && !this.inFlightEnds.has(run.offset)) this.issue(run);
+      else keep.push(run);
+    }
+    this.queue = keep;
+  }
 
   private issue(run: Run): void {
     const end = run.offset + run.bytes;
-    // No more appends: a write arriving now starts a run of its own, behind this one.
+    // No more appends: a write arriving now starts a run of its own.
     if (this.open.get(end) === run) this.open.delete(end);
+    this.inFlight++;
     this.inFlightEnds.add(end);
-    this.writeRun(run, run.bufs, run.offset, (err) => {
+    this.writeRun(run.bufs, run.offset, (err) => {
+      this.inFlight--;
       this.inFlightEnds.delete(end);
       for (const w of run.waiters) {
         if (err) w.reject(err);
         else w.resolve();
       }
-      const next = this.behind.get(end);
-      if (next !== undefined) {
-        this.behind.delete(end);
-        this.issue(next);
-      }
+      this.issueReady();
     });
   }
 
-  private writeRun(run: Run, bufs: Buffer[], offset: number, done: (err: Error | null) => void): void {
+  private writeRun(bufs: Buffer[], offset: number, done: (err: Error | null) => void): void {
     writev(this.fd, bufs, offset, (err, n) => {
       if (err) return done(err);
       const rest = skipBytes(bufs, n);
@@ -93,7 +104,7 @@ export class WriteCombiner {
         e.code = 'EIO';
         return done(e);
       }
-      this.writeRun(run, rest, offset + n, done);
+      this.writeRun(rest, offset + n, done);
     });
   }
 }

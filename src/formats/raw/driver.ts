@@ -62,7 +62,8 @@ export class RawDevice implements BlockDevice {
     this.file = file;
     this.fd = file.fd;
     this.zeroing = new FileZeroing(file);
-    this.writes = file.readOnly ? null : new WriteCombiner(file.fd);
+    // A block device does not serialise writes on an inode lock: let several run at once.
+    this.writes = file.readOnly ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1);
     this.sizeBytes = sizeBytes;
     this.sectorBytes = sectorBytes;
     const writable = !file.readOnly;
