@@ -24,6 +24,15 @@ function makeSparse(path: string): Buffer {
   return readFileSync(path);
 }
 
+/** `data` as dir/data.raw. */
+function writeImage(dir: string, data: Buffer): string {
+  const img = join(dir, 'data.raw');
+  const fd = openSync(img, 'w');
+  writeSync(fd, data);
+  closeSync(fd);
+  return img;
+}
+
 interface Chunk {
   flags: number;
   type: number;
@@ -110,11 +119,8 @@ test('structured reads send holes as OFFSET_HOLE and honour DF', async (t) => {
 
 test('many concurrent reads each get their reply, in any order', async (t) => {
   const dir = tempDir(t);
-  const img = join(dir, 'data.raw');
-  const fd = openSync(img, 'w');
   const data = randomBytes(8 * MiB);
-  writeSync(fd, data);
-  closeSync(fd);
+  const img = writeImage(dir, data);
   const srv = await startServer(t, { exports: [{ name: '', device: await openRawDevice(t, img, true), readOnly: true }] }, dir);
   const c = await RawNbdClient.open(srv.socketPath);
   t.after(() => c.destroy());
@@ -140,11 +146,8 @@ test('many concurrent reads each get their reply, in any order', async (t) => {
 for (const structured of [false, true]) {
   test(`large reads mixed with small ones arrive intact past a congested socket (${structured ? 'structured' : 'simple'} replies)`, async (t) => {
     const dir = tempDir(t);
-    const img = join(dir, 'data.raw');
     const data = randomBytes(32 * MiB);
-    const fd = openSync(img, 'w');
-    writeSync(fd, data);
-    closeSync(fd);
+    const img = writeImage(dir, data);
     readFileSync(img); // in the page cache, so the zero-copy path is taken
     const srv = await startServer(t, { exports: [{ name: '', device: await openRawDevice(t, img, true), readOnly: true }] }, dir);
     const c = await RawNbdClient.open(srv.socketPath);
@@ -186,11 +189,8 @@ for (const structured of [false, true]) {
 
 test('requests sent right behind NBD_OPT_GO, before its reply, are served (large writes too)', async (t) => {
   const dir = tempDir(t);
-  const img = join(dir, 'data.raw');
   const before = randomBytes(4 * MiB);
-  const fd = openSync(img, 'w');
-  writeSync(fd, before);
-  closeSync(fd);
+  const img = writeImage(dir, before);
   const srv = await startServer(t, { exports: [{ name: '', device: await openRawDevice(t, img), readOnly: false }] }, dir);
   const c = await RawNbdClient.open(srv.socketPath);
   t.after(() => c.destroy());
