@@ -11,7 +11,6 @@
 // (NBD_CMD_FLUSH reaches the image driver, which makes its data and metadata durable), so
 // that even a serving process killed right after the disconnect leaves a consistent image.
 
-import { Socket } from 'node:net';
 import { constants as fsc } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Backend } from '../block/backend.js';
@@ -87,7 +86,7 @@ export class DeviceServer {
     let connected = false;
     try {
       const [userFd, kernelFd] = socketPair();
-      const served = server.serveTransmission(new Socket({ fd: userFd, readable: true, writable: true }), '', { structuredReplies: false });
+      const served = server.serveTransmission(userFd, '', { structuredReplies: false });
       try {
         nl = await NbdNetlink.open();
         const timeoutSeconds = opts.timeoutSeconds ?? DEFAULT_TIMEOUT_SECONDS;

@@ -6,7 +6,6 @@
 // process, or when the kernel drops the device: unmount what we mounted, flush, disconnect,
 // exit — in that order, so no data is in flight when the device goes.
 
-import { Socket } from 'node:net';
 import { renameSync } from 'node:fs';
 import { Backend } from '../block/backend.js';
 import type { BlockDevice } from '../block/device.js';
@@ -137,8 +136,7 @@ export class Supervisor {
       for (let i = 0; i < cfg.connections; i++) {
         const [userFd, kernelFd] = socketPair();
         kernelFds.push(kernelFd);
-        const sock = new Socket({ fd: userFd, readable: true, writable: true });
-        this.served.push(this.server.serveTransmission(sock, '', { structuredReplies: false }));
+        this.served.push(this.server.serveTransmission(userFd, '', { structuredReplies: false }));
       }
       this.link = await connectKernel(
         {

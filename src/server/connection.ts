@@ -141,15 +141,13 @@ export class Connection {
   private closeReason = '';
 
   /**
-   * Start on `socket`: with `transmission`, skip the handshake (the kernel client talks
-   * transmission only) and serve that export at once.
+   * Start on `socket`, or on a connected socket descriptor this connection then owns (and
+   * reads into its own buffers): with `transmission`, skip the handshake (the kernel client
+   * talks transmission only) and serve that export at once.
    */
-  constructor(host: ConnectionHost, socket: Duplex, transmission?: { exp: ServedExport; structured: boolean }) {
+  constructor(host: ConnectionHost, socketOrFd: Duplex | number, transmission?: { exp: ServedExport; structured: boolean }) {
     this.host = host;
     this.limits = host.limits;
-    this.socket = socket;
-    const s = socket as Partial<Socket>;
-    this.peer = s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort}` : 'unix';
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
     this.parser = new RequestParser(transmission ? 'transmission' : 'client-flags', {
       maxOptionBytes: this.limits.maxOptionBytes,
@@ -158,6 +156,10 @@ export class Connection {
       allocPayload: (n) => host.pool.acquire(n),
       fillInPlaceMinBytes: FILL_IN_PLACE_MIN_BYTES,
     });
+    const socket = typeof socketOrFd === 'number' ? this.ownSocket(socketOrFd) : socketOrFd;
+    this.socket = socket;
+    const s = socket as Partial<Socket>;
+    this.peer = s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort}` : 'unix';
     this.replies = new ReplyWriter(socket, host.pool);
     this.attach(socket);
     if (transmission) {
@@ -474,6 +476,13 @@ export class Connection {
     if (this.sockFd >= 0) growSendBuffer(this.sockFd, ZERO_COPY_SEND_BUFFER);
   }
 
+  /** A socket on `fd` that reads where nextReadBuffer says. */
+  private ownSocket(fd: number): Socket {
+    // `onread` is a Socket constructor option since Node 12; the typings only list it for connect().
+    const opts: SocketConstructorOpts & { onread: OnReadOpts } = { fd, readable: true, writable: true, onread: { buffer: this.nextReadBuffer, callback: this.onReadInto } };
+    return new Socket(opts);
+  }
+
   /**
    * Carry on over a socket of our own on the same connection (a duplicate descriptor), created
    * so that it reads into buffers we choose: a large write's payload then lands where it is
@@ -488,9 +497,7 @@ export class Connection {
       if (this.phase !== 'transmission' || old.destroyed) return;
       let own: Socket;
       try {
-        // `onread` is a Socket constructor option since Node 12; the typings only list it for connect().
-        const opts: SocketConstructorOpts & { onread: OnReadOpts } = { fd: duplicateFd(fd), readable: true, writable: true, onread: { buffer: this.nextReadBuffer, callback: this.onReadInto } };
-        own = new Socket(opts);
+        own = this.ownSocket(duplicateFd(fd));
       } catch (e) {
         this.host.logger.warn(`connection ${this.id}: staying on the accepted socket: ${(e as Error).message}`);
         this.useSocketFd(fd);

@@ -105,10 +105,11 @@ export class NbdServer extends EventEmitter {
   }
 
   /**
-   * Serve `exportName` on an already connected socket with no handshake (the kernel's NBD
-   * client: userspace did the handshake, or there was none). Resolves when the socket closes.
+   * Serve `exportName` on an already connected socket, or socket descriptor (which the server
+   * then owns), with no handshake (the kernel's NBD client: userspace did the handshake, or
+   * there was none). Resolves when the socket closes.
    */
-  serveTransmission(socket: Duplex, exportName: string, opts: ServeTransmissionOptions = {}): Promise<void> {
+  serveTransmission(socket: Duplex | number, exportName: string, opts: ServeTransmissionOptions = {}): Promise<void> {
     const exp = this.exportTable.lookup(exportName);
     if (exp === undefined) throw new UsageError(`no export named ${JSON.stringify(exportName)}`);
     const conn = new Connection(this.host, socket, { exp, structured: opts.structuredReplies ?? false });

@@ -7,12 +7,14 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, statSync, writeFileSync, readFileSync } from 'node:fs';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { connect, createServer, Socket as NetSocket, type Server, type Socket } from 'node:net';
+import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { BlockDevice } from '../../src/block/device.js';
 import { listenInherited, listenTcp, listenUnix } from '../../src/server/listen.js';
 import { NbdServer } from '../../src/server/server.js';
+import { socketPair } from '../../src/sys/socket.js';
 import { requirePeers, run, runOk, tempDir, waitFor } from '../helpers/peers.js';
 import { openRawDevice, recordingLogger, startServer } from '../helpers/server.js';
 
@@ -263,4 +265,31 @@ test('serveTransmission: a handshake-less client gets simple replies from the fi
   await w.closed;
   await served;
   assert.equal(server.connectionCount, 0);
+});
+
+test('serveTransmission on a socket descriptor: large writes are read in place, then read back', async (t) => {
+  const dir = tempDir(t);
+  const img = await rawFile(dir, 'a.raw', Buffer.alloc(4 * MiB));
+  const server = new NbdServer({ exports: [{ name: 'k', device: await openRawDevice(t, img), readOnly: false }] });
+  t.after(() => server.close());
+  // Like the kernel attach: one end of a socketpair for the server, the other for the "kernel".
+  const [serverFd, clientFd] = socketPair();
+  const served = server.serveTransmission(serverFd, 'k', { structuredReplies: false });
+  const client = new NetSocket({ fd: clientFd, readable: true, writable: true });
+  const w = watch(client);
+  const payloads = [randomBytes(MiB), randomBytes(300_000), randomBytes(4096)];
+  const offsets = [0, MiB + 512, 3 * MiB];
+  payloads.forEach((p, i) => client.write(Buffer.concat([request(1, i + 1, offsets[i]!, p.length), p])));
+  await waitFor(() => w.bytes().length >= 3 * 16, 5000, 'write replies');
+  const cookies = [0, 1, 2].map((i) => w.bytes().readBigUInt64BE(i * 16 + 8)).sort();
+  assert.deepEqual(cookies, [1n, 2n, 3n]);
+  for (let i = 0; i < 3; i++) assert.equal(w.bytes().readUInt32BE(i * 16 + 4), 0, 'no error');
+  const file = readFileSync(img);
+  payloads.forEach((p, i) => assert.ok(file.subarray(offsets[i]!, offsets[i]! + p.length).equals(p), `write ${i + 1} on disk`));
+  client.write(request(0, 9, offsets[1]!, payloads[1]!.length));
+  await waitFor(() => w.bytes().length >= 3 * 16 + 16 + payloads[1]!.length, 5000, 'read reply');
+  assert.ok(w.bytes().subarray(3 * 16 + 16).equals(payloads[1]!));
+  client.write(request(2, 10, 0, 0)); // NBD_CMD_DISC
+  await w.closed;
+  await served;
 });
