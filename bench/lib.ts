@@ -44,6 +44,11 @@ export async function makeQcow2(path: string, from: string | null, sizeBytes: nu
   await runTimed('qemu-img', args);
 }
 
+/** Write back every dirty page of the machine: the next measurement starts from a clean page cache. */
+export async function writeBack(): Promise<void> {
+  await runTimed('sync', []);
+}
+
 export async function startServer(kind: ServerKind, image: string, dir: string, format: 'raw' | 'qcow2' = 'raw'): Promise<ServerHandle> {
   const socket = join(dir, `${kind}-${format}.sock`);
   const [cmd, args] = commandFor(kind, image, socket, format);
@@ -93,7 +98,8 @@ function runTimed(cmd: string, args: string[]): Promise<{ seconds: number; stdou
 
 export async function runClient(row: Row, uri: string, ctx: { source: string; sizeBytes: number; seconds: number }): Promise<number> {
   const gib = ctx.sizeBytes / 1024 ** 3;
-  // A fresh image is fresh once: a second pass would overwrite allocated clusters.
+  // A fresh image is fresh once: a second pass would overwrite allocated clusters (fresh rows
+  // are repeated by the caller, each round on a new image).
   const passes = row.fresh ? 1 : 2;
   switch (row.client) {
     case 'nbdcopy-read': {
@@ -101,7 +107,14 @@ export async function runClient(row: Row, uri: string, ctx: { source: string; si
       return gib / best;
     }
     case 'nbdcopy-write': {
-      const best = Math.min(...(await repeat(passes, () => runTimed('nbdcopy', [ctx.source, uri]))).map((r) => r.seconds));
+      // Dirty pages left by an earlier pass (or by whichever server ran before) are written back
+      // first, so every server writes into the same clean page cache, not into writeback.
+      const best = Math.min(
+        ...(await repeat(passes, async () => {
+          await writeBack();
+          return runTimed('nbdcopy', [ctx.source, uri]);
+        })).map((r) => r.seconds),
+      );
       return gib / best;
     }
     case 'fio': {

@@ -5,7 +5,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ensureRandomFile, makeQcow2, runClient, startServer, type ServerKind, type ServerHandle } from './lib.js';
+import { ensureRandomFile, makeQcow2, runClient, startServer, writeBack, type ServerKind, type ServerHandle } from './lib.js';
 import { ROWS, serversFor, type Row } from './rows.js';
 
 interface Result {
@@ -14,6 +14,8 @@ interface Result {
 }
 
 const SERVERS: readonly ServerKind[] = ['imgbd', 'qemu-nbd', 'qemu-nbd-io_uring', 'nbdkit'];
+/** Rounds of each fresh-image row per server (each on a new image). */
+const FRESH_ROUNDS = Number(process.env.BENCH_FRESH_ROUNDS ?? 3);
 
 function fmt(row: Row, v: number | undefined): string {
   if (v === undefined || Number.isNaN(v)) return 'n/a';
@@ -40,7 +42,8 @@ async function main(): Promise<void> {
     const qcow2Image = join(dir, 'disk.qcow2');
     if (rows.some((r) => r.format === 'qcow2' && !r.fresh)) await makeQcow2(qcow2Image, image, sizeBytes);
     const report = (kind: ServerKind, res: Result, value: number): void => {
-      res.values.set(kind, value);
+      // Higher is better in every row; a row measured more than once keeps its best.
+      res.values.set(kind, Math.max(value, res.values.get(kind) ?? 0));
       process.stderr.write(`${kind.padEnd(18)} ${res.row.label.padEnd(28)} ${fmt(res.row, value)}\n`);
     };
     // Rows that share an image share one server per kind; fresh-image rows get their own.
@@ -59,19 +62,24 @@ async function main(): Promise<void> {
         }
       }
     }
+    // Fresh-image rows: rounds alternate between the servers, each on a new image after the
+    // page cache is written back, and each server's best round counts.
     for (const res of results.filter((r) => r.row.fresh)) {
-      for (const kind of serversFor(res.row, SERVERS)) {
-        const fresh = join(dir, `fresh-${kind}.qcow2`);
-        let server: ServerHandle | undefined;
-        try {
-          await makeQcow2(fresh, null, sizeBytes);
-          server = await startServer(kind, fresh, dir, 'qcow2');
-          report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds }));
-        } catch (err) {
-          process.stderr.write(`${kind}: ${(err as Error).message}\n`);
-        } finally {
-          await server?.stop();
-          rmSync(fresh, { force: true });
+      for (let round = 0; round < FRESH_ROUNDS; round++) {
+        for (const kind of serversFor(res.row, SERVERS)) {
+          const fresh = join(dir, `fresh-${kind}.qcow2`);
+          let server: ServerHandle | undefined;
+          try {
+            await makeQcow2(fresh, null, sizeBytes);
+            await writeBack();
+            server = await startServer(kind, fresh, dir, 'qcow2');
+            report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds }));
+          } catch (err) {
+            process.stderr.write(`${kind}: ${(err as Error).message}\n`);
+          } finally {
+            await server?.stop();
+            rmSync(fresh, { force: true });
+          }
         }
       }
     }

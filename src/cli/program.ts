@@ -120,6 +120,7 @@ Examples:
     .option('--connections <n>', 'NBD connections to the kernel (the image must allow multi-conn)', '1')
     .option('--timeout <seconds>', 'fail I/O when the server does not answer within this time', '30')
     .option('--watch-pid <pid>', 'detach when this process exits')
+    .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable; default: only the image\'s own directory tree)', collect)
     .option('--json', 'print JSON')
     .addOption(new Option('--interface <kind>', 'kernel interface: auto, netlink or ioctl').hideHelp())
     .action(lazy(() => import('./commands/attach.js')));
@@ -152,6 +153,7 @@ Examples:
     .option('-e, --env <KEY=VALUE>', 'environment variable for CMD (repeatable)', collect)
     .option('-w, --workdir <dir>', 'working directory inside the container', '/')
     .option('--hostname <name>', 'hostname inside the container', 'imgbd')
+    .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable; default: only the image\'s own directory tree)', collect)
     .addOption(new Option('--interface <kind>', 'kernel interface: auto, netlink or ioctl').hideHelp())
     .passThroughOptions()
     .action(lazy(() => import('./commands/run.js')));

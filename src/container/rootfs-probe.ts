@@ -16,8 +16,12 @@ export interface RootProbe {
   readonly format: string;
 }
 
-export async function probeRootFilesystem(spec: ImageSpec, format: string | undefined): Promise<RootProbe> {
-  const opened = await openImageWithFormat(spec.image, { readOnly: true, ...(format !== undefined && { format }) });
+export async function probeRootFilesystem(spec: ImageSpec, format: string | undefined, allowBacking?: readonly string[]): Promise<RootProbe> {
+  const opened = await openImageWithFormat(spec.image, {
+    readOnly: true,
+    ...(format !== undefined && { format }),
+    ...(allowBacking !== undefined && allowBacking.length > 0 && { allowBacking }),
+  });
   try {
     let volume: BlockDevice = opened.device;
     let what = spec.image;

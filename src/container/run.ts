@@ -50,6 +50,8 @@ export interface RunOptions {
   /** Attach and mount read-write (default read-only). */
   readonly readWrite?: boolean;
   readonly format?: string;
+  /** Where backing files may live besides the image's own directory tree (--allow-backing). */
+  readonly allowBacking?: readonly string[];
   /** mount(8)-style options for the root filesystem. */
   readonly mountOptions?: string;
   readonly hostname?: string;
@@ -195,7 +197,7 @@ export async function runContainer(opts: RunOptions): Promise<RunResult> {
   const cwd = opts.cwd ?? '/';
   if (!cwd.startsWith('/')) throw new UsageError(`--workdir must be absolute, not ${cwd}`);
   const dir = opts.runDir ?? defaultRunDir();
-  const probe = await probeRootFilesystem(opts.spec, opts.format);
+  const probe = await probeRootFilesystem(opts.spec, opts.format, opts.allowBacking);
   ensureRunDir(dir);
 
   const child = spawnInit();
@@ -210,6 +212,7 @@ export async function runContainer(opts: RunOptions): Promise<RunResult> {
       image: opts.spec.image,
       ...(opts.spec.partition !== undefined && { partition: opts.spec.partition }),
       format: probe.format,
+      ...(opts.allowBacking !== undefined && { allowBacking: opts.allowBacking }),
       readOnly,
       watchPid: child.pid,
       runDir: dir,

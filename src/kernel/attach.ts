@@ -18,6 +18,8 @@ export interface AttachOptions {
   readonly partition?: PartitionSelector;
   readonly format?: string;
   readonly readOnly?: boolean;
+  /** Where backing files may live besides the image's own directory tree (--allow-backing). */
+  readonly allowBacking?: readonly string[];
   readonly mount?: { readonly dir: string; readonly options?: string };
   readonly connections?: number;
   readonly timeoutSeconds?: number;
@@ -64,9 +66,13 @@ export function buildSupervisorConfig(opts: AttachOptions, logFile: string): Sup
     if (!existsSync(dir)) throw new UsageError(`mount point ${opts.mount.dir} does not exist`);
     mount = opts.mount.options === undefined ? { dir } : { dir, options: opts.mount.options };
   }
+  // Absolute: the supervisor does not share the caller's working directory.
+  const allowBacking = (opts.allowBacking ?? []).map((p) => resolve(p));
+  for (const p of allowBacking) if (!existsSync(p)) throw new UsageError(`--allow-backing ${p}: no such file or directory`);
   return {
     image,
     ...(opts.format !== undefined && { format: opts.format }),
+    ...(allowBacking.length > 0 && { allowBacking }),
     partition: opts.partition ?? null,
     readOnly: opts.readOnly ?? false,
     ...(mount && { mount }),

@@ -22,7 +22,7 @@ import { connectionFlags, serveExport } from '../server/exports.js';
 import type { Logger } from '../server/logger.js';
 import { NbdServer } from '../server/server.js';
 import { rereadPartitions } from '../sys/ioctl-nbd.js';
-import { closeFd, socketPair } from '../sys/socket.js';
+import { closeFd, nbdSocketPair } from '../sys/socket.js';
 import { disconnectDevice } from './attach-link.js';
 import { deviceReleased } from './attach-detach.js';
 import { deviceConnected, deviceExists, nbdMaxPart } from './device.js';
@@ -85,7 +85,7 @@ export class DeviceServer {
     let handle: FileHandle | undefined;
     let connected = false;
     try {
-      const [userFd, kernelFd] = socketPair();
+      const [userFd, kernelFd] = nbdSocketPair();
       const served = server.serveTransmission(userFd, '', { structuredReplies: false });
       try {
         nl = await NbdNetlink.open();

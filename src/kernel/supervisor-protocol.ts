@@ -16,6 +16,8 @@ export interface SupervisorConfig {
   /** Absolute path. */
   readonly image: string;
   readonly format?: string;
+  /** Absolute roots where backing files may live besides the image's own directory tree. */
+  readonly allowBacking?: readonly string[];
   readonly partition: PartitionSelector | null;
   readonly readOnly: boolean;
   /** Mount the device here (detecting the filesystem type), with mount(8)-style options. */

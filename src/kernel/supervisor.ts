@@ -23,7 +23,7 @@ import { rereadPartitions } from '../sys/ioctl-nbd.js';
 import { MNT_DETACH, mountFilesystem, parseMountOptions, unmountFilesystem } from '../sys/mount.js';
 import { watchProcess, type ProcessWatch } from '../sys/pidfd.js';
 import { setIoFlusher, setOomScoreAdj } from '../sys/prctl.js';
-import { closeFd, socketPair } from '../sys/socket.js';
+import { closeFd, nbdSocketPair } from '../sys/socket.js';
 import { connectKernel, type KernelLink } from './attach-link.js';
 import { nbdMaxPart } from './device.js';
 import { waitForDeviceReady } from './supervisor-ready.js';
@@ -103,7 +103,11 @@ export class Supervisor {
 
   private async setUp(): Promise<AttachInfo> {
     const cfg = this.cfg;
-    const opened = await openImageWithFormat(cfg.image, { format: cfg.format, readOnly: cfg.readOnly });
+    const opened = await openImageWithFormat(cfg.image, {
+      format: cfg.format,
+      readOnly: cfg.readOnly,
+      ...(cfg.allowBacking !== undefined && { allowBacking: cfg.allowBacking }),
+    });
     this.image = opened.device;
     let exported: BlockDevice = opened.device;
     if (cfg.partition !== null) {
@@ -134,7 +138,7 @@ export class Supervisor {
     const kernelFds: number[] = [];
     try {
       for (let i = 0; i < cfg.connections; i++) {
-        const [userFd, kernelFd] = socketPair();
+        const [userFd, kernelFd] = nbdSocketPair();
         kernelFds.push(kernelFd);
         this.served.push(this.server.serveTransmission(userFd, '', { structuredReplies: false }));
       }

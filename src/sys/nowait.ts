@@ -12,6 +12,7 @@ type Preadv2 = (fd: number, iov: Buffer, iovcnt: number, offset: number, flags: 
 
 interface Nowait {
   readonly preadv2: Preadv2;
+  readonly errno: () => number;
   /** One struct iovec { void *base; size_t len; }, reused: calls are synchronous. */
   readonly iov: Buffer;
 }
@@ -23,7 +24,9 @@ function bind(): Nowait | null {
   try {
     const lib = koffi.load('libc.so.6');
     const preadv2 = lib.func('int64_t preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)') as unknown as Preadv2;
-    bound = { preadv2, iov: Buffer.alloc(16) };
+    const errnoLocation = lib.func('int *__errno_location(void)');
+    const errno = (): number => koffi.decode(errnoLocation(), 'int') as number;
+    bound = { preadv2, errno, iov: Buffer.alloc(16) };
   } catch {
     bound = null;
   }
@@ -31,16 +34,49 @@ function bind(): Nowait | null {
 }
 
 /**
- * Fill `buf` from `offset` if that can be done without waiting for the disk. Returns false
- * (having maybe filled part of `buf`) when the caller must do an ordinary read instead:
- * data not cached, a short read at end of file, or no preadv2 on this system.
+ * What a no-wait read did: 'later' when the data is not (all) cached, the read is short at end
+ * of file or it failed (read the ordinary way); 'unsupported' when the file system cannot read
+ * without waiting at all (tmpfs on older kernels): stop trying.
  */
-export function preadNowait(fd: number, buf: Buffer, offset: number): boolean {
+export type NowaitResult = 'done' | 'later' | 'unsupported';
+
+const EOPNOTSUPP = 95;
+
+/**
+ * Fill `buf` from `offset` if that can be done without waiting for the disk. Anything but Done
+ * (having maybe filled part of `buf`) means the caller must do an ordinary read instead.
+ */
+export function tryPreadNowait(fd: number, buf: Buffer, offset: number): NowaitResult {
   const b = bound === undefined ? bind() : bound;
-  if (b === null || buf.length === 0) return false;
+  if (b === null) return 'unsupported';
+  if (buf.length === 0) return 'later';
   // The address of a Buffer's memory is stable while the Buffer is referenced (V8 never moves
   // ArrayBuffer backing stores), and `buf` is referenced for the whole synchronous call.
   b.iov.writeBigUInt64LE(BigInt(koffi.address(buf) as unknown as bigint), 0);
   b.iov.writeBigUInt64LE(BigInt(buf.length), 8);
-  return b.preadv2(fd, b.iov, 1, offset, RWF_NOWAIT) === buf.length;
+  const n = b.preadv2(fd, b.iov, 1, offset, RWF_NOWAIT);
+  if (n === buf.length) return 'done';
+  return n < 0 && b.errno() === EOPNOTSUPP ? 'unsupported' : 'later';
+}
+
+/** tryPreadNowait as a yes/no: true when `buf` was filled. */
+export function preadNowait(fd: number, buf: Buffer, offset: number): boolean {
+  return tryPreadNowait(fd, buf, offset) === 'done';
+}
+
+/**
+ * No-wait reads of one file that stop being tried once its file system has refused one: each
+ * refused attempt is a wasted system call in front of the thread-pool read that follows.
+ */
+export class NowaitReader {
+  private supported = true;
+
+  constructor(private readonly fd: number) {}
+
+  read(buf: Buffer, offset: number): boolean {
+    if (!this.supported) return false;
+    const r = tryPreadNowait(this.fd, buf, offset);
+    if (r === 'unsupported') this.supported = false;
+    return r === 'done';
+  }
 }

@@ -96,6 +96,35 @@ export function socketPair(domain = AF_UNIX, type = SOCK_STREAM): [number, numbe
   return [sv.readInt32LE(0), sv.readInt32LE(4)];
 }
 
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+/** SO_SNDBUF past net.core.wmem_max; needs CAP_NET_ADMIN. */
+const SO_SNDBUFFORCE = 32;
+/** Room for a few maximal kernel requests (blk-mq sends up to max_sectors_kb, 1280 KiB by default). */
+const NBD_PAIR_SEND_BUFFER = 8 * 1024 * 1024;
+
+/**
+ * A socketpair between the kernel's NBD driver and the server, with send buffers that hold
+ * whole large requests and replies: with the default (about 200 KiB) a 1 MiB write reaches the
+ * server in many small reads, each a wakeup of both sides. Best effort: without the privilege
+ * to exceed net.core.wmem_max the pair works as it is.
+ */
+export function nbdSocketPair(): [user: number, kernel: number] {
+  const pair = socketPair();
+  for (const fd of pair) {
+    try {
+      setSockOptInt(fd, SOL_SOCKET, SO_SNDBUFFORCE, NBD_PAIR_SEND_BUFFER);
+    } catch {
+      try {
+        setSockOptInt(fd, SOL_SOCKET, SO_SNDBUF, NBD_PAIR_SEND_BUFFER);
+      } catch {
+        // The default buffer.
+      }
+    }
+  }
+  return pair;
+}
+
 /** bind(2) a netlink socket; pid 0 lets the kernel assign the port id. */
 export function bindNetlink(fd: number, pid = 0, groups = 0): void {
   const addr = sockaddrNl(pid, groups);

@@ -1,11 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Backend } from '../../src/block/backend.js';
 import { offsetFilter } from '../../src/block/filters/offset.js';
 import { openRaw } from '../../src/formats/raw/driver.js';
+import { NowaitReader, tryPreadNowait } from '../../src/sys/nowait.js';
 import { tempDir } from '../helpers/peers.js';
 
 test('readNow serves page-cached data synchronously, exactly as pread does', async (t) => {
@@ -40,4 +41,23 @@ test('readNow declines what pread must refuse or cannot finish, leaving it to pr
   await raw.pread(expect, 4096);
   assert.deepEqual(buf, expect);
   assert.equal(window.readNow(Buffer.alloc(1), 2048), false, 'outside the window');
+});
+
+test('a file system that cannot read without waiting is told apart from uncached data, and not asked again', async (t) => {
+  // procfs files have no no-wait reads: preadv2(RWF_NOWAIT) fails with EOPNOTSUPP.
+  const fd = openSync('/proc/version', 'r');
+  t.after(() => closeSync(fd));
+  assert.equal(tryPreadNowait(fd, Buffer.alloc(16), 0), 'unsupported');
+  const dir = tempDir(t);
+  const path = join(dir, 'disk.raw');
+  writeFileSync(path, randomBytes(8192));
+  const file = openSync(path, 'r');
+  t.after(() => closeSync(file));
+  assert.equal(tryPreadNowait(file, Buffer.alloc(4096), 0), 'done');
+  assert.equal(tryPreadNowait(file, Buffer.alloc(4096), 8192 - 100), 'later', 'short at end of file');
+  const reader = new NowaitReader(fd);
+  const buf = Buffer.alloc(16);
+  assert.equal(reader.read(buf, 0), false);
+  assert.equal(reader.read(buf, 0), false);
+  assert.deepEqual(buf, Buffer.alloc(16), 'nothing read');
 });

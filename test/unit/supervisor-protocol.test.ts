@@ -3,7 +3,7 @@
 // how the supervisor's errors come back as the classes the CLI maps to exit codes.
 
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
 import { CorruptImageError, UnsupportedImageError, UsageError } from '../../src/errors.js';
@@ -112,4 +112,18 @@ test('the supervisor configuration is validated before anything starts', (t) => 
   for (const bad of [{ connections: 0 }, { connections: 17 }, { timeoutSeconds: 0 }, { watchPid: -3 }, { image: `${dir}/missing` }, { mount: { dir: `${dir}/nope` } }]) {
     assert.throws(() => buildSupervisorConfig({ image, runDir: dir, ...bad }, 'l'), { code: 'ERR_USAGE' }, JSON.stringify(bad));
   }
+});
+
+test('--allow-backing roots reach the supervisor as absolute paths, and must exist', (t) => {
+  const dir = tempDir(t);
+  const image = `${dir}/disk.raw`;
+  writeFileSync(image, Buffer.alloc(4096));
+  const cwd = process.cwd();
+  process.chdir(dir);
+  t.after(() => process.chdir(cwd));
+  mkdirSync(`${dir}/golden`);
+  const cfg = buildSupervisorConfig({ image, runDir: dir, allowBacking: ['golden'] }, `${dir}/log`);
+  assert.deepEqual(cfg.allowBacking, [`${dir}/golden`]);
+  assert.equal(buildSupervisorConfig({ image, runDir: dir }, 'l').allowBacking, undefined);
+  assert.throws(() => buildSupervisorConfig({ image, runDir: dir, allowBacking: ['nowhere'] }, 'l'), { code: 'ERR_USAGE', message: /--allow-backing .*nowhere/ });
 });

@@ -1,5 +1,6 @@
 // One boot of the kernel VM for `imgbd attach` on real images (guest/attach-data-guest.ts):
-// raw and qcow2 through mkfs.ext4, 64 MiB written, detach, re-attach with equal checksums;
+// raw and qcow2 through mkfs.ext4, 64 MiB written, detach, re-attach with equal checksums (and
+// through a clone elsewhere, which needs --allow-backing);
 // 8 concurrent attaches on 8 distinct devices; a GPT image's three partitions as nodes and
 // each attached alone and mounted; detach refused while someone else uses the device.
 // Afterwards the host checks the images themselves: e2fsck, debugfs, qemu-img check.
@@ -65,8 +66,8 @@ test('kernel VM: imgbd attach of raw, qcow2, concurrent and partitioned images',
     assertVmChecks(r, 'attach-data', ['detach-refused-foreign-mount', 'detach-refused-opener']);
   });
 
-  await t.test('qcow2: written through the kernel, clean for qemu-img check, same data read-only', () => {
-    assertVmChecks(r, 'attach-data', ['qcow2-attach-mkfs-write', 'qcow2-reattach-read-only']);
+  await t.test('qcow2: written through the kernel, clean for qemu-img check, same data read-only and through a clone', () => {
+    assertVmChecks(r, 'attach-data', ['qcow2-attach-mkfs-write', 'qcow2-reattach-read-only', 'qcow2-clone-elsewhere-needs-allow-backing']);
     const image = join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['check', '-q', image], { stdio: 'pipe' });
     const raw = join(dir, 'qcow2-as-raw.img');

@@ -22,6 +22,7 @@ export async function run(args: string[], opts: Record<string, unknown>, _cmd: C
     ...(spec.partition !== undefined && { partition: spec.partition }),
     ...(typeof opts.format === 'string' && { format: opts.format }),
     readOnly: opts.readOnly === true,
+    ...(Array.isArray(opts.allowBacking) && { allowBacking: opts.allowBacking as string[] }),
     ...(typeof opts.mount === 'string' && { mount: { dir: opts.mount, ...(typeof opts.options === 'string' && { options: opts.options }) } }),
     connections: parseCount(String(opts.connections ?? '1'), '--connections', 1, 16),
     timeoutSeconds: parseCount(String(opts.timeout ?? '30'), '--timeout', 1, 3600),

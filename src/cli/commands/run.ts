@@ -24,6 +24,7 @@ export async function run(args: string[], opts: Record<string, unknown>, _cmd: C
     argv,
     readWrite: opts.rw === true,
     ...(typeof opts.format === 'string' && { format: opts.format }),
+    ...(Array.isArray(opts.allowBacking) && { allowBacking: opts.allowBacking as string[] }),
     ...(typeof opts.options === 'string' && { mountOptions: opts.options }),
     ...(Array.isArray(opts.env) && { env: opts.env as string[] }),
     ...(typeof opts.workdir === 'string' && { cwd: opts.workdir }),

@@ -20,7 +20,7 @@ import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, Extent
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
 import { blockDeviceSize } from '../../sys/libc.js';
-import { preadNowait } from '../../sys/nowait.js';
+import { NowaitReader } from '../../sys/nowait.js';
 import { CompressedAllocator, planTrim, planWrite, planZero, touchedSubclusters, type ClusterPlan, type EntryUpdate } from './alloc.js';
 import { compressCluster, decompressCluster } from './compress.js';
 import { collectAllocationDepth, collectExtents, type StatusSource } from './extents.js';
@@ -508,6 +508,8 @@ export class Qcow2Device implements BlockDevice {
 
   /** What mapHostRun reads of this image; its getters see the current tables. */
   private runSourceValue: HostRunSource | null = null;
+  /** No-wait reads of the data file (every host run is in it). */
+  private nowaitValue: NowaitReader | null = null;
 
   private get runSource(): HostRunSource {
     if (this.runSourceValue === null) {
@@ -537,7 +539,9 @@ export class Qcow2Device implements BlockDevice {
   /** Plain data whose L2 entries are cached and whose bytes are in the page cache: read here and now. */
   readNow(buf: Buffer, offset: number): boolean {
     const run = this.hostRun(offset, buf.length);
-    return run !== null && run.length === buf.length && preadNowait(run.fd, buf, run.offset);
+    if (run === null || run.length !== buf.length) return false;
+    this.nowaitValue ??= new NowaitReader(run.fd);
+    return this.nowaitValue.read(buf, run.offset);
   }
 
   async pread(buf: Buffer, offset: number): Promise<void> {

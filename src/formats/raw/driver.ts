@@ -29,7 +29,7 @@ import {
   blockDeviceSize,
   blockDeviceZeroOut,
 } from '../../sys/libc.js';
-import { preadNowait } from '../../sys/nowait.js';
+import { NowaitReader } from '../../sys/nowait.js';
 import { isRotational } from '../../sys/rotational.js';
 import { PROBE_HEAD_BYTES } from '../magic.js';
 import type { FormatDriver, OpenImageOptions } from '../registry.js';
@@ -57,11 +57,13 @@ export class RawDevice implements BlockDevice {
   private readonly zeroing: FileZeroing;
   private seekUnsupported = false;
   private readonly writes: WriteCombiner | null;
+  private readonly nowait: NowaitReader;
 
   constructor(file: HostFile, sizeBytes: number, sectorBytes: number, physicalBytes: number, probedRaw: boolean, rotational = false) {
     this.file = file;
     this.fd = file.fd;
     this.zeroing = new FileZeroing(file);
+    this.nowait = new NowaitReader(file.fd);
     // A block device does not serialise writes on an inode lock: let several run at once.
     this.writes = file.readOnly ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1);
     this.sizeBytes = sizeBytes;
@@ -102,7 +104,7 @@ export class RawDevice implements BlockDevice {
   }
 
   readNow(buf: Buffer, offset: number): boolean {
-    return offset + buf.length <= this.sizeBytes && preadNowait(this.fd, buf, offset);
+    return offset + buf.length <= this.sizeBytes && this.nowait.read(buf, offset);
   }
 
   hostRun(offset: number, length: number): HostRun | null {

@@ -156,6 +156,21 @@ async function qcow2(): Promise<void> {
       await detach(a);
     }
   });
+  await check('qcow2-clone-elsewhere-needs-allow-backing', async () => {
+    // A clone in another directory: its base is only followed where the user allowed it.
+    sh(`mkdir -p /tmp/clones && qemu-img create -q -f qcow2 -b ${image} -F qcow2 /tmp/clones/c.qcow2`);
+    const refused = cli('attach -r /tmp/clones/c.qcow2');
+    if (refused.status === 0) fail(`attach followed a backing file outside the allowed roots: ${refused.stdout}`);
+    if (!/--allow-backing/.test(refused.stderr)) fail(`the refusal does not say what to do: ${refused.stderr}`);
+    const a = await attachImage({ image: '/tmp/clones/c.qcow2', readOnly: true, allowBacking: [scratch], mount: { dir: '/tmp/m' } });
+    try {
+      const sum = sha256('/tmp/m/data');
+      if (sum !== sums.qcow2) fail(`checksum through the clone ${sum} != ${sums.qcow2}`);
+      return sum;
+    } finally {
+      await detach(a);
+    }
+  });
   timing('qcow2', t0);
 }
 
