@@ -15,7 +15,7 @@ interface Result {
 
 const SERVERS: readonly ServerKind[] = ['imgbd', 'qemu-nbd', 'qemu-nbd-io_uring', 'nbdkit'];
 /** Rounds of each fresh-image row per server (each on a new image). */
-const FRESH_ROUNDS = Number(process.env.BENCH_FRESH_ROUNDS ?? 3);
+const FRESH_ROUNDS = Number(process.env.BENCH_FRESH_ROUNDS ?? 4);
 
 function fmt(row: Row, v: number | undefined): string {
   if (v === undefined || Number.isNaN(v)) return 'n/a';

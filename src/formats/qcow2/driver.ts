@@ -19,6 +19,7 @@ import { dirname, isAbsolute, join, resolve } from 'node:path';
 import type { BlockDevice, BlockSizes, Capabilities, DepthExtent, Extent, ExtentsOptions, HostRun, WriteOptions, ZeroOptions } from '../../block/device.js';
 import { CorruptImageError, RequestError, UnsupportedImageError, UsageError } from '../../errors.js';
 import { HostFile } from '../../io/host-file.js';
+import { WriteCombiner } from '../../io/write-combiner.js';
 import { blockDeviceSize } from '../../sys/libc.js';
 import { NowaitReader } from '../../sys/nowait.js';
 import { CompressedAllocator, planTrim, planWrite, planZero, touchedSubclusters, type ClusterPlan, type EntryUpdate } from './alloc.js';
@@ -106,6 +107,11 @@ export class Qcow2Device implements BlockDevice {
   private readonly file: HostFile;
   /** Where guest data lives: the image itself or its external data file. */
   private readonly data: HostFile;
+  /**
+   * Guest data writes: allocations that follow each other on the host (a sequential write to a
+   * fresh image) leave as one pwritev, one at a time to a regular file (see WriteCombiner).
+   */
+  private readonly dataWrites: WriteCombiner | null;
   private readonly backing: BlockDevice | null;
   private readonly state: ImageState;
   private l1: Buffer;
@@ -154,6 +160,7 @@ export class Qcow2Device implements BlockDevice {
     const h = init.header;
     this.file = init.file;
     this.data = init.dataFile ?? init.file;
+    this.dataWrites = this.data.readOnly ? null : new WriteCombiner(this.data.fd, this.data.isBlockDevice ? 16 : 1);
     this.imageSync = new SyncBatcher(() => this.file.datasync());
     this.dataSync = this.data === this.file ? this.imageSync : new SyncBatcher(() => this.data.datasync());
     this.header = h;
@@ -687,7 +694,7 @@ export class Qcow2Device implements BlockDevice {
       else direct.push({ host: p.hostOffset + p.a, from, to: from + p.b - p.a });
     }
     await Promise.all([
-      ...direct.map((d) => this.data.pwrite(buf.subarray(d.from, d.to), d.host)),
+      ...direct.map((d) => this.writeData(buf.subarray(d.from, d.to), d.host)),
       ...plans.map(async (p) => {
         if (p.spanStart === p.a && p.spanEnd === p.b) return;
         const src = buf.subarray(p.cluster * cs + p.a - offset, p.cluster * cs + p.b - offset);
@@ -696,7 +703,7 @@ export class Qcow2Device implements BlockDevice {
         if (p.a > p.spanStart) await this.readGuest(span.subarray(0, p.a - p.spanStart), base);
         if (p.spanEnd > p.b) await this.readGuest(span.subarray(p.b - p.spanStart), p.cluster * cs + p.b);
         src.copy(span, p.a - p.spanStart);
-        await this.data.pwrite(span, p.hostOffset + p.spanStart);
+        await this.writeData(span, p.hostOffset + p.spanStart);
       }),
     ]);
     const updates = plans.filter((p) => p.updateEntry);
@@ -705,6 +712,10 @@ export class Qcow2Device implements BlockDevice {
       await this.writeEntries(updates.map((p) => ({ cluster: p.cluster, entry: { hostOffset: p.hostOffset, copied: true, alloc: p.newAlloc, zero: p.newZero } })));
       this.releaseOld(toAllocate.map((p) => p.old));
     });
+  }
+
+  private writeData(buf: Buffer, hostOffset: number): Promise<void> {
+    return this.dataWrites === null ? this.data.pwrite(buf, hostOffset) : this.dataWrites.write(buf, hostOffset);
   }
 
   /** Free the host storage of replaced entries once their replacements are on disk (writeback). */
