@@ -4,25 +4,20 @@
 
 import { parentPort } from 'node:worker_threads';
 import { deflateRawSync, constants as zc } from 'node:zlib';
-import * as zstd from '@bokuweb/zstd-wasm';
+import { initZstd, zstdCompressSync } from '../formats/qcow2/compress.js';
 import type { CompressRequest, CompressReply } from './compress-pool.js';
-
-let zstdReady: Promise<void> | null = null;
 
 parentPort?.on('message', (req: CompressRequest) => {
   void (async () => {
     try {
-      if (req.type === 1) {
-        zstdReady ??= zstd.init();
-        await zstdReady;
-      }
+      if (req.type === 1) await initZstd();
       const input = Buffer.from(req.data);
       const packed: Uint8Array[] = [];
       const lengths: number[] = [];
       let total = 0;
       for (let pos = 0; pos < input.length; pos += req.clusterBytes) {
         const c = input.subarray(pos, pos + req.clusterBytes);
-        const out = req.type === 0 ? deflateRawSync(c, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION }) : zstd.compress(c, 3);
+        const out = req.type === 0 ? deflateRawSync(c, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION }) : zstdCompressSync(c);
         if (out.length < c.length) {
           packed.push(out);
           lengths.push(out.length);

@@ -11,6 +11,9 @@ import { readRefcountEntry, writeRefcountEntry } from '../../src/formats/qcow2/r
 import { compressCluster, decompressCluster, measureZstdFrame } from '../../src/formats/qcow2/compress.js';
 import { TableCache } from '../../src/formats/qcow2/l2-cache.js';
 import { RangeLock } from '../../src/formats/qcow2/locks.js';
+import { randomBytes } from 'node:crypto';
+import * as zstdWasm from '@bokuweb/zstd-wasm';
+import { loadNativeZstd } from '../../src/sys/zstd.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 
@@ -244,4 +247,21 @@ test('qcow2 alloc: write, zero and discard plans follow QEMU', async () => {
   assert.deepEqual(planTrim(std, owned, false), { hostOffset: 0, copied: false, alloc: 0, zero: 1 });
   assert.equal(planTrim(std, UNALLOCATED_ENTRY, false), null);
   assert.deepEqual(planTrim(ext, UNALLOCATED_ENTRY, true), { hostOffset: 0, copied: false, alloc: 0, zero: 0xffffffff });
+});
+
+test('zstd: the system library and the WebAssembly fallback read each other\'s clusters', async () => {
+  const native = loadNativeZstd();
+  assert.ok(native, 'libzstd.so.1 is loadable (it is what qemu-img links)');
+  await zstdWasm.init();
+  const text = Buffer.alloc(65536);
+  for (let i = 0, p = 0; p < text.length; i++) p += text.write(`cluster ${i % 97} `, p);
+  for (const cluster of [text, randomBytes(65536), Buffer.alloc(65536)]) {
+    const fromNative = native.compress(cluster, 3);
+    assert.deepEqual(Buffer.from(zstdWasm.decompress(fromNative, { defaultHeapSize: 65536 })), cluster);
+    const out = Buffer.alloc(65536);
+    assert.equal(native.decompress(Buffer.from(zstdWasm.compress(cluster, 3)), out), 65536);
+    assert.deepEqual(out, cluster);
+  }
+  assert.throws(() => native.decompress(native.compress(text, 3).subarray(0, 10), Buffer.alloc(65536)), /zstd decompression/);
+  assert.throws(() => native.decompress(native.compress(text, 3), Buffer.alloc(4096)), /zstd decompression/, 'a frame larger than its cluster');
 });

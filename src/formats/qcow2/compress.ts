@@ -1,6 +1,7 @@
 // Compressed cluster codecs (qcow2.txt, header field compression_type): raw deflate (zlib, type 0)
-// through node:zlib and zstd (type 1) through @bokuweb/zstd-wasm, which ships its WebAssembly
-// build inside the package. A compressed cluster must inflate to exactly one cluster; the stored
+// through node:zlib and zstd (type 1) through the system's libzstd, or @bokuweb/zstd-wasm (its
+// WebAssembly build ships inside the package) where there is none. A compressed cluster must
+// inflate to exactly one cluster; the stored
 // data is padded to 512-byte sectors and may be followed by another cluster's data, so the zstd
 // frame length is found by walking the frame before decoding it.
 
@@ -8,15 +9,34 @@ import { promisify } from 'node:util';
 import { deflateRaw, inflateRaw, constants as zc } from 'node:zlib';
 import * as zstd from '@bokuweb/zstd-wasm';
 import { CorruptImageError } from '../../errors.js';
+import { loadNativeZstd, type NativeZstd } from '../../sys/zstd.js';
 import { QCOW2_COMPRESSION, type Qcow2CompressionType } from './header.js';
 
 const inflateRawAsync = promisify(inflateRaw);
 const deflateRawAsync = promisify(deflateRaw);
 
-let zstdReady: Promise<void> | null = null;
-function initZstd(): Promise<void> {
-  zstdReady ??= zstd.init();
-  return zstdReady;
+/** QEMU's zstd level (ZSTD_CLEVEL_DEFAULT). */
+const ZSTD_LEVEL = 3;
+
+let native: NativeZstd | null | undefined;
+let wasmReady: Promise<void> | null = null;
+
+/** Resolves once zstdCompressSync and the zstd decoder can be called. */
+export function initZstd(): Promise<void> {
+  native ??= loadNativeZstd();
+  if (native !== null) return Promise.resolve();
+  wasmReady ??= zstd.init();
+  return wasmReady;
+}
+
+/** One cluster as a zstd frame at QEMU's level; initZstd() must have resolved. */
+export function zstdCompressSync(src: Buffer): Buffer {
+  return native ? native.compress(src, ZSTD_LEVEL) : Buffer.from(zstd.compress(src, ZSTD_LEVEL));
+}
+
+function zstdDecompress(frame: Buffer, out: Buffer): Uint8Array {
+  if (native) return out.subarray(0, native.decompress(frame, out));
+  return zstd.decompress(frame, { defaultHeapSize: out.length });
 }
 
 const ZSTD_MAGIC = 0xfd2fb528;
@@ -81,13 +101,13 @@ export async function decompressCluster(type: Qcow2CompressionType, src: Buffer,
     const { frameBytes, contentSize } = measureZstdFrame(src);
     if (contentSize !== null && contentSize !== clusterSize) throw new CorruptImageError(`qcow2: zstd cluster declares ${contentSize} bytes, not ${clusterSize}`);
     try {
-      data = zstd.decompress(src.subarray(0, frameBytes), { defaultHeapSize: clusterSize });
+      data = zstdDecompress(src.subarray(0, frameBytes), out);
     } catch (err) {
       throw new CorruptImageError(`qcow2: zstd cluster does not decompress: ${(err as Error).message}`, { cause: err });
     }
   }
   if (data.length !== clusterSize) throw new CorruptImageError(`qcow2: compressed cluster inflates to ${data.length} bytes, not ${clusterSize}`);
-  out.set(data);
+  if (data.buffer !== out.buffer || data.byteOffset !== out.byteOffset) out.set(data);
 }
 
 /** Compress one cluster; null when the result would not save space (QEMU then writes it plainly). */
@@ -98,7 +118,7 @@ export async function compressCluster(type: Qcow2CompressionType, src: Buffer): 
     out = await deflateRawAsync(src, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION });
   } else {
     await initZstd();
-    out = Buffer.from(zstd.compress(src, 3));
+    out = zstdCompressSync(src);
   }
   return out.length < src.length ? out : null;
 }

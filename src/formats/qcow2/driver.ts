@@ -836,7 +836,8 @@ export class Qcow2Device implements BlockDevice {
           await this.markDirtyIfLazy();
           return this.compressedSpace.allocate(packed.length);
         });
-        await this.file.pwrite(packed, hostOffset);
+        // Packed clusters are allocated one after another: written back to back, they merge.
+        await this.writeData(packed, hostOffset);
         await this.meta(async () => {
           const l1Index = Math.floor(cluster / g.l2Entries);
           const tableOffset = await this.writableL2(l1Index);
