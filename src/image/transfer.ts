@@ -6,7 +6,7 @@
 
 import { EXTENT_ZERO, type BlockDevice } from '../block/device.js';
 import { walkExtents } from '../block/walk.js';
-import type { CompressPool } from './compress-pool.js';
+import { sharedBuffer, type CompressPool } from './compress-pool.js';
 import { zeroRuns } from './zero.js';
 
 export interface TransferJob {
@@ -123,13 +123,15 @@ export async function transfer(o: TransferOptions): Promise<TransferStats> {
   for (let w = 0; w < Math.max(1, o.workers); w++) {
     const src = o.sources[w % o.sources.length]!;
     const dst = o.targets[w % o.targets.length]!;
-    const buf = Buffer.allocUnsafe(requestBytes);
+    // Compression threads read the data where it was read, and write into `packed`.
+    const buf = o.compress ? sharedBuffer(requestBytes) : Buffer.allocUnsafe(requestBytes);
+    const packed = o.compress ? sharedBuffer(requestBytes) : undefined;
     const old = o.onlyDifferences ? Buffer.allocUnsafe(requestBytes) : undefined;
     workers.push(
       (async () => {
         try {
           for (let job = await take(); job; job = await take()) {
-            await runJob(o, stats, src, dst, job, buf, old);
+            await runJob(o, stats, src, dst, job, buf, old, packed);
             done += job.length;
             o.onProgress?.(done);
           }
@@ -154,7 +156,16 @@ async function* planFiltered(o: TransferOptions, start: number, end: number, req
   for await (const r of o.include(start, end)) yield* planJobs(o.sources[0]!, r.offset, r.offset + r.length, requestBytes, o.grainBytes);
 }
 
-async function runJob(o: TransferOptions, stats: TransferStats, src: BlockDevice, dst: TransferTarget, job: TransferJob, buf: Buffer, old: Buffer | undefined): Promise<void> {
+async function runJob(
+  o: TransferOptions,
+  stats: TransferStats,
+  src: BlockDevice,
+  dst: TransferTarget,
+  job: TransferJob,
+  buf: Buffer,
+  old: Buffer | undefined,
+  packed: Buffer | undefined,
+): Promise<void> {
   if (job.zero && !o.onlyDifferences) {
     if (!o.targetZeroed) {
       await dst.zero(job.offset, job.length);
@@ -190,7 +201,7 @@ async function runJob(o: TransferOptions, stats: TransferStats, src: BlockDevice
       const differs = a < job.length && !data.subarray(a, b).equals(cur.subarray(a, b));
       if (differs && runStart < 0) runStart = a;
       if (!differs && runStart >= 0) {
-        writes.push(writeGrains(o, stats, dst, data.subarray(runStart, a), job.offset + runStart));
+        writes.push(writeGrains(o, stats, dst, data.subarray(runStart, a), job.offset + runStart, packed?.subarray(runStart, a)));
         runStart = -1;
       }
       if (a >= job.length) break;
@@ -198,11 +209,14 @@ async function runJob(o: TransferOptions, stats: TransferStats, src: BlockDevice
     await Promise.all(writes);
     return;
   }
-  await writeGrains(o, stats, dst, data, job.offset);
+  await writeGrains(o, stats, dst, data, job.offset, packed);
 }
 
-/** Write `data` at `offset`, skipping (or zeroing) the all-zero grains, compressing when asked. */
-async function writeGrains(o: TransferOptions, stats: TransferStats, dst: TransferTarget, data: Buffer, offset: number): Promise<void> {
+/**
+ * Write `data` at `offset`, skipping (or zeroing) the all-zero grains, compressing when asked
+ * into `packed` (shared memory at least as long as `data`, not used by other writes meanwhile).
+ */
+async function writeGrains(o: TransferOptions, stats: TransferStats, dst: TransferTarget, data: Buffer, offset: number, packed?: Buffer): Promise<void> {
   const runs = zeroRuns(data, o.grainBytes);
   const writes: Promise<void>[] = [];
   const toCompress: { buf: Buffer; offset: number }[] = [];
@@ -222,13 +236,12 @@ async function writeGrains(o: TransferOptions, stats: TransferStats, dst: Transf
     for (let c = a; c < b; c += o.grainBytes) toCompress.push({ buf: data.subarray(c, Math.min(b, c + o.grainBytes)), offset: offset + c });
   }
   if (toCompress.length > 0) {
-    // Each cluster is compressed whole: a short last cluster is padded with zeros, as the driver
-    // would (the pool copies the clusters into a zero-filled batch).
-    const packed = await o.compress!.pool.compress(o.compress!.type, toCompress.map((x) => x.buf), o.grainBytes);
+    // Each cluster is compressed whole: a short last cluster is padded with zeros, as the driver would.
+    const results = await o.compress!.pool.compress(o.compress!.type, toCompress.map((x) => x.buf), o.grainBytes, packed!);
     for (let i = 0; i < toCompress.length; i++) {
       const x = toCompress[i]!;
-      writes.push(dst.writeCompressed!(x.buf, x.offset, packed[i] ?? null));
-      stats.writtenBytes += packed[i]?.length ?? x.buf.length;
+      writes.push(dst.writeCompressed!(x.buf, x.offset, results[i] ?? null));
+      stats.writtenBytes += results[i]?.length ?? x.buf.length;
     }
   }
   await Promise.all(writes);

@@ -8,11 +8,16 @@ import koffi from 'koffi';
 export interface NativeZstd {
   /** The compressed frame of `src` (a fresh buffer). */
   compress(src: Buffer, level: number): Buffer;
+  /** Compress `src` into `dst`: the frame's length, or -1 when it does not fit. */
+  compressInto(src: Buffer, dst: Buffer, level: number): number;
   /** Decode one whole frame into `out`; the number of bytes it decoded to. */
   decompress(frame: Buffer, out: Buffer): number;
 }
 
 type SizeT = number | bigint;
+
+/** zstd_errors.h: ZSTD_error_dstSize_tooSmall. */
+const ZSTD_ERROR_DST_SIZE_TOO_SMALL = 70;
 
 let loaded: NativeZstd | null | undefined;
 
@@ -23,6 +28,7 @@ export function loadNativeZstd(): NativeZstd | null {
     const compressBound = lib.func('size_t ZSTD_compressBound(size_t srcSize)') as (n: number) => SizeT;
     const isError = lib.func('unsigned int ZSTD_isError(size_t code)') as (code: SizeT) => number;
     const errorName = lib.func('const char *ZSTD_getErrorName(size_t code)') as (code: SizeT) => string;
+    const errorCode = lib.func('int ZSTD_getErrorCode(size_t code)') as (code: SizeT) => number;
     const createCCtx = lib.func('void *ZSTD_createCCtx(void)') as () => unknown;
     const createDCtx = lib.func('void *ZSTD_createDCtx(void)') as () => unknown;
     const compressCCtx = lib.func('size_t ZSTD_compressCCtx(void *cctx, void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)') as (
@@ -43,6 +49,11 @@ export function loadNativeZstd(): NativeZstd | null {
         if (scratch.length < bound) scratch = Buffer.allocUnsafe(bound);
         const n = check(compressCCtx(cctx, scratch, scratch.length, src, src.length, level), 'compression');
         return Buffer.from(scratch.subarray(0, n));
+      },
+      compressInto(src, dst, level) {
+        const r = compressCCtx(cctx, dst, dst.length, src, src.length, level);
+        if (isError(r) !== 0 && errorCode(r) === ZSTD_ERROR_DST_SIZE_TOO_SMALL) return -1;
+        return check(r, 'compression');
       },
       decompress(frame, out) {
         return check(decompressDCtx(dctx, out, out.length, frame, frame.length), 'decompression');

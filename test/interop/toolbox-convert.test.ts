@@ -4,7 +4,7 @@
 // differs from the backing file.
 
 import assert from 'node:assert/strict';
-import { statSync } from 'node:fs';
+import { statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { requirePeers, runOk, spawnPeer, tempDir, waitFor } from '../helpers/peers.js';
@@ -155,4 +155,19 @@ test('convert refuses to write over its own source', async (t) => {
   assert.equal(r.code, 64, r.stderr);
   assert.match(r.stderr, /the source itself/);
   assert.equal(statSync(raw).size, before);
+});
+
+test('convert -c: an image whose last cluster is short is compressed whole and reads back equal', async (t) => {
+  if (!requirePeers(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'odd.raw');
+  // 3 clusters and 12 KiB of text-like data: every cluster compresses, the last one padded.
+  writeFileSync(raw, Buffer.from('compressible '.repeat(Math.ceil((3 * 65536 + 12_288) / 13))).subarray(0, 3 * 65536 + 12_288));
+  for (const type of ['zlib', 'zstd']) {
+    const dst = join(dir, `odd-${type}.qcow2`);
+    await runImgbdOk(['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${type}`, raw, dst]);
+    assert.equal((await qemuCompare(raw, 'raw', dst, 'qcow2')).code, 0, type);
+    const check = JSON.parse(await runOk('qemu-img', ['check', '--output=json', dst])) as { 'compressed-clusters'?: number };
+    assert.equal(check['compressed-clusters'], 4, type);
+  }
 });

@@ -6,7 +6,7 @@
 // frame length is found by walking the frame before decoding it.
 
 import { promisify } from 'node:util';
-import { deflateRaw, inflateRaw, constants as zc } from 'node:zlib';
+import { deflateRaw, deflateRawSync, inflateRaw, constants as zc } from 'node:zlib';
 import * as zstd from '@bokuweb/zstd-wasm';
 import { CorruptImageError } from '../../errors.js';
 import { loadNativeZstd, type NativeZstd } from '../../sys/zstd.js';
@@ -32,6 +32,18 @@ export function initZstd(): Promise<void> {
 /** One cluster as a zstd frame at QEMU's level; initZstd() must have resolved. */
 export function zstdCompressSync(src: Buffer): Buffer {
   return native ? native.compress(src, ZSTD_LEVEL) : Buffer.from(zstd.compress(src, ZSTD_LEVEL));
+}
+
+/**
+ * Compress one whole cluster into `dst` on the calling thread (initZstd() must have resolved
+ * for zstd): the compressed length, or -1 when it does not fit in `dst`.
+ */
+export function compressClusterInto(type: Qcow2CompressionType, src: Buffer, dst: Buffer): number {
+  if (type === QCOW2_COMPRESSION.ZSTD && native) return native.compressInto(src, dst, ZSTD_LEVEL);
+  const out = type === QCOW2_COMPRESSION.ZLIB ? deflateRawSync(src, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION }) : zstdCompressSync(src);
+  if (out.length > dst.length) return -1;
+  out.copy(dst);
+  return out.length;
 }
 
 function zstdDecompress(frame: Buffer, out: Buffer): Uint8Array {
