@@ -5,8 +5,10 @@
 // promise settles when the pwritev that carried it has; nothing is acknowledged earlier than it
 // would have been alone.
 //
-// A regular file takes one pwritev at a time: Linux file systems serialise buffered writes to
-// one file on the inode lock, so more would only spin on it, and waiting writes merge better.
+// A regular file takes one large pwritev at a time: Linux file systems serialise buffered writes
+// to one file on the inode lock, so more would only spin on it, and waiting writes merge better.
+// Small writes (random 4 KiB ones) hold the lock for a moment and are bound by the thread-pool
+// round trip instead, so several of them go at once.
 
 import { writev } from 'node:fs';
 
@@ -14,6 +16,10 @@ import { writev } from 'node:fs';
 const MAX_RUN_BYTES = 4 * 1024 * 1024;
 /** IOV_MAX is 1024 on Linux. */
 const MAX_RUN_BUFFERS = 1024;
+/** Runs at least this long count as large (copy-bound rather than latency-bound). */
+const LARGE_RUN_BYTES = 128 * 1024;
+/** pwritevs in flight at once, small ones included. */
+const MAX_IN_FLIGHT = 16;
 
 interface Run {
   readonly offset: number;
@@ -30,12 +36,13 @@ export class WriteCombiner {
   /** End offsets of runs in the thread pool: a run starting there waits for it. */
   private readonly inFlightEnds = new Set<number>();
   private inFlight = 0;
+  private largeInFlight = 0;
   private scheduled = false;
 
-  /** `maxInFlight`: pwritevs at once (1 for a regular file, more for a block device). */
+  /** `maxLargeInFlight`: large pwritevs at once (1 for a regular file, more for a block device). */
   constructor(
     private readonly fd: number,
-    private readonly maxInFlight = 1,
+    private readonly maxLargeInFlight = 1,
   ) {}
 
   write(buf: Buffer, offset: number): Promise<void> {
@@ -66,12 +73,14 @@ export class WriteCombiner {
   };
 
   private issueReady(): void {
-    if (this.inFlight >= this.maxInFlight || this.queue.length === 0) return;
+    if (this.inFlight >= MAX_IN_FLIGHT || this.queue.length === 0) return;
     const keep: Run[] = [];
     for (const run of this.queue) {
       // A run that continues one in flight waits for it: it would only take the inode lock
       // after it anyway, and meanwhile it can grow.
-      if (this.inFlight < this.maxInFlight && !this.inFlightEnds.has(run.offset)) this.issue(run);
+      const large = run.bytes >= LARGE_RUN_BYTES;
+      const room = this.inFlight < MAX_IN_FLIGHT && (!large || this.largeInFlight < this.maxLargeInFlight);
+      if (room && !this.inFlightEnds.has(run.offset)) this.issue(run);
       else keep.push(run);
     }
     this.queue = keep;
@@ -81,10 +90,13 @@ export class WriteCombiner {
     const end = run.offset + run.bytes;
     // No more appends: a write arriving now starts a run of its own.
     if (this.open.get(end) === run) this.open.delete(end);
+    const large = run.bytes >= LARGE_RUN_BYTES;
     this.inFlight++;
+    if (large) this.largeInFlight++;
     this.inFlightEnds.add(end);
     this.writeRun(run.bufs, run.offset, (err) => {
       this.inFlight--;
+      if (large) this.largeInFlight--;
       this.inFlightEnds.delete(end);
       for (const w of run.waiters) {
         if (err) w.reject(err);
