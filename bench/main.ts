@@ -63,10 +63,13 @@ async function main(): Promise<void> {
       }
     }
     // Fresh-image rows: rounds alternate between the servers, each on a new image after the
-    // page cache is written back, and each server's best round counts.
+    // page cache is written back, and each server's best round counts. Who goes first swaps every
+    // round: a round inherits the memory its predecessor just freed (quick to reuse) or freed
+    // long ago (on this machine handed back to the hypervisor, slow to touch again).
     for (const res of results.filter((r) => r.row.fresh)) {
       for (let round = 0; round < FRESH_ROUNDS; round++) {
-        for (const kind of serversFor(res.row, SERVERS)) {
+        const servers = serversFor(res.row, SERVERS);
+        for (const kind of round % 2 === 0 ? servers : servers.reverse()) {
           const fresh = join(dir, `fresh-${kind}.qcow2`);
           let server: ServerHandle | undefined;
           try {
