@@ -21,7 +21,7 @@ const ZSTD_LEVEL = 3;
 let native: NativeZstd | null | undefined;
 let wasmReady: Promise<void> | null = null;
 
-/** Resolves once zstdCompressSync and the zstd decoder can be called. */
+/** Resolves once zstd can be called synchronously (compressClusterInto, the decoder). */
 export function initZstd(): Promise<void> {
   native ??= loadNativeZstd();
   if (native !== null) return Promise.resolve();
@@ -30,7 +30,7 @@ export function initZstd(): Promise<void> {
 }
 
 /** One cluster as a zstd frame at QEMU's level; initZstd() must have resolved. */
-export function zstdCompressSync(src: Buffer): Buffer {
+function zstdCompressSync(src: Buffer): Buffer {
   return native ? native.compress(src, ZSTD_LEVEL) : Buffer.from(zstd.compress(src, ZSTD_LEVEL));
 }
 

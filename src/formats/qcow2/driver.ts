@@ -112,7 +112,7 @@ export class Qcow2Device implements BlockDevice {
    * WriteCombiner). Guest data writes go straight to the thread pool: random ones gained nothing
    * from combining, and sequential ones on a fresh image measured the same either way.
    */
-  private readonly dataWrites: WriteCombiner | null;
+  private readonly compressedWrites: WriteCombiner | null;
   private readonly backing: BlockDevice | null;
   private readonly state: ImageState;
   private l1: Buffer;
@@ -161,7 +161,7 @@ export class Qcow2Device implements BlockDevice {
     const h = init.header;
     this.file = init.file;
     this.data = init.dataFile ?? init.file;
-    this.dataWrites = this.data.readOnly ? null : new WriteCombiner(this.data.fd, this.data.isBlockDevice ? 16 : 1);
+    this.compressedWrites = this.data.readOnly ? null : new WriteCombiner(this.data.fd, this.data.isBlockDevice ? 16 : 1);
     this.imageSync = new SyncBatcher(() => this.file.datasync());
     this.dataSync = this.data === this.file ? this.imageSync : new SyncBatcher(() => this.data.datasync());
     this.header = h;
@@ -716,7 +716,7 @@ export class Qcow2Device implements BlockDevice {
   }
 
   private writeCompressedData(buf: Buffer, hostOffset: number): Promise<void> {
-    return this.dataWrites === null ? this.data.pwrite(buf, hostOffset) : this.dataWrites.write(buf, hostOffset);
+    return this.compressedWrites === null ? this.data.pwrite(buf, hostOffset) : this.compressedWrites.write(buf, hostOffset);
   }
 
   /** Free the host storage of replaced entries once their replacements are on disk (writeback). */
