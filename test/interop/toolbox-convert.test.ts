@@ -171,3 +171,18 @@ test('convert -c: an image whose last cluster is short is compressed whole and r
     assert.equal(check['compressed-clusters'], 4, type);
   }
 });
+
+test('-p draws a progress bar on stderr (convert, compare); without it, in a pipe, none', async (t) => {
+  const dir = tempDir(t);
+  const raw = join(dir, 'p.raw');
+  writeFileSync(raw, Buffer.alloc(3 * MiB, 7));
+  const withBar = await runImgbd(['convert', '-p', '-f', 'raw', '-O', 'raw', raw, join(dir, 'p2.raw')]);
+  assert.equal(withBar.code, 0, withBar.stderr);
+  assert.match(withBar.stderr, /converting \[.*\] 100% \| 3\/3 MiB/);
+  const compared = await runImgbd(['compare', '-p', '-f', 'raw', '-F', 'raw', raw, join(dir, 'p2.raw')]);
+  assert.equal(compared.code, 0, compared.stderr);
+  assert.match(compared.stderr, /comparing \[.*\] 100%/);
+  const quiet = await runImgbd(['convert', '-f', 'raw', '-O', 'raw', raw, join(dir, 'p3.raw')]);
+  assert.equal(quiet.code, 0, quiet.stderr);
+  assert.equal(quiet.stderr, '');
+});

@@ -1,6 +1,6 @@
 // imgbd commit: qemu-img commit's spelling (-f, -b, -d, -p, -q). The work is in src/image/commit.ts.
 
-import { SingleBar } from 'cli-progress';
+import { progressBar } from '../lib/progress.js';
 import { commitImage } from '../../image/commit.js';
 
 interface CommitCliOptions {
@@ -14,7 +14,7 @@ interface CommitCliOptions {
 
 export async function run(args: string[], opts: Record<string, unknown>): Promise<number> {
   const c = opts as CommitCliOptions;
-  const bar = c.progress && !c.quiet ? new SingleBar({ format: 'committing [{bar}] {percentage}%', stream: process.stderr }) : undefined;
+  const bar = await progressBar('committing', c.progress === true && !c.quiet);
   bar?.start(100, 0);
   await commitImage({
     overlay: args[0]!,

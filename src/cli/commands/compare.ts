@@ -1,7 +1,7 @@
 // imgbd compare: qemu-img compare's messages and exit codes (qemu-img.rst, "compare"):
 // 0 identical, 1 different, 2 an error (opening or reading either image).
 
-import { SingleBar } from 'cli-progress';
+import { progressBar } from '../lib/progress.js';
 import { compareDevices } from '../../image/compare.js';
 import { openTarget, type OpenedTarget } from '../../image/open.js';
 
@@ -27,7 +27,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   try {
     a = await openTarget(nameA, { format: c.format, readOnly: true });
     b = await openTarget(nameB, { format: c.formatB, readOnly: true });
-    const bar = c.progress && !c.quiet ? new SingleBar({ format: 'comparing [{bar}] {percentage}%', stream: process.stderr }) : undefined;
+    const bar = await progressBar('comparing', c.progress === true && !c.quiet);
     bar?.start(100, 0);
     const r = await compareDevices(a.device, b.device, { strict: c.strict, onProgress: (d, t) => bar?.update(t === 0 ? 100 : Math.floor((d * 100) / t)) });
     bar?.stop();

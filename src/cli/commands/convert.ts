@@ -1,7 +1,7 @@
 // imgbd convert: qemu-img convert's spelling (-f, -O, -c, -o, -B, -F, -m, -W, -n, -p) between
 // raw, qcow2, qed and vdi images and NBD URIs. The work is in src/image/convert.ts.
 
-import { SingleBar } from 'cli-progress';
+import { progressBar } from '../lib/progress.js';
 import { UsageError } from '../../errors.js';
 import type { ImageCreateOptions } from '../../image/create-target.js';
 import { convertImage } from '../../image/convert.js';
@@ -70,7 +70,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const threads = c.threads !== undefined ? parseCount(c.threads, '--threads', 1, 256) : undefined;
   if (c.cache !== undefined && c.cache !== 'writeback' && c.cache !== 'unsafe') throw new UsageError(`-t ${c.cache}: use writeback (flush at the end, the default) or unsafe (no flush)`);
   const showProgress = c.quiet !== true && (c.progress === true || process.stderr.isTTY === true);
-  const bar = showProgress ? new SingleBar({ format: 'converting [{bar}] {percentage}% | {value}/{total} MiB | ETA {eta}s', stream: process.stderr }) : undefined;
+  const bar = await progressBar('converting', showProgress, true);
   let started = false;
   const started0 = Date.now();
   const r = await convertImage({

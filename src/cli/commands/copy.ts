@@ -3,7 +3,7 @@
 // connections when the export allows multi-conn; a progress bar on a terminal.
 
 import { existsSync, statSync, closeSync, openSync, ftruncateSync } from 'node:fs';
-import { SingleBar } from 'cli-progress';
+import { progressBar } from '../lib/progress.js';
 import { Backend } from '../../block/backend.js';
 import type { BlockDevice } from '../../block/device.js';
 import { openNbdDevice } from '../../client/index.js';
@@ -88,7 +88,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
       throw new UsageError(`the destination is smaller (${dst.devices[0]!.sizeBytes} bytes) than the source (${sizeBytes} bytes)`);
     }
     const showProgress = o.progress ?? process.stderr.isTTY === true;
-    const bar = showProgress ? new SingleBar({ format: 'copying [{bar}] {percentage}% | {value}/{total} MiB | ETA {eta}s', stream: process.stderr }) : undefined;
+    const bar = await progressBar('copying', showProgress, true);
     bar?.start(Math.ceil(sizeBytes / 2 ** 20), 0);
     await transfer({
       sources: src.devices,

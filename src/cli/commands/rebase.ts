@@ -1,6 +1,6 @@
 // imgbd rebase: qemu-img rebase's spelling (-b, -F, -f, -u, -p, -q). The work is in src/image/rebase.ts.
 
-import { SingleBar } from 'cli-progress';
+import { progressBar } from '../lib/progress.js';
 import { rebaseImage } from '../../image/rebase.js';
 
 interface RebaseCliOptions {
@@ -15,7 +15,7 @@ interface RebaseCliOptions {
 
 export async function run(args: string[], opts: Record<string, unknown>): Promise<number> {
   const c = opts as unknown as RebaseCliOptions;
-  const bar = c.progress && !c.quiet ? new SingleBar({ format: 'rebasing [{bar}] {percentage}%', stream: process.stderr }) : undefined;
+  const bar = await progressBar('rebasing', c.progress === true && !c.quiet);
   bar?.start(100, 0);
   const r = await rebaseImage({
     overlay: args[0]!,

@@ -7,7 +7,7 @@
 
 import { promisify } from 'node:util';
 import { deflateRaw, deflateRawSync, inflateRaw, constants as zc } from 'node:zlib';
-import * as zstd from '@bokuweb/zstd-wasm';
+import type * as ZstdWasm from '@bokuweb/zstd-wasm';
 import { CorruptImageError } from '../../errors.js';
 import { loadNativeZstd, type NativeZstd } from '../../sys/zstd.js';
 import { QCOW2_COMPRESSION, type Qcow2CompressionType } from './header.js';
@@ -19,13 +19,18 @@ const deflateRawAsync = promisify(deflateRaw);
 const ZSTD_LEVEL = 3;
 
 let native: NativeZstd | null | undefined;
+/** The WebAssembly build, loaded only where there is no libzstd. */
+let zstd: typeof ZstdWasm;
 let wasmReady: Promise<void> | null = null;
 
 /** Resolves once zstd can be called synchronously (compressClusterInto, the decoder). */
 export function initZstd(): Promise<void> {
   native ??= loadNativeZstd();
   if (native !== null) return Promise.resolve();
-  wasmReady ??= zstd.init();
+  wasmReady ??= import('@bokuweb/zstd-wasm').then(async (m) => {
+    await m.init();
+    zstd = m;
+  });
   return wasmReady;
 }
 
