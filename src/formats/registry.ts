@@ -19,6 +19,8 @@ export interface OpenImageOptions {
    * the image probe as another format (QEMU's "probed raw" rule).
    */
   readonly probed?: boolean;
+  /** Cache mode "unsafe": the image's flushes return at once (convert -t unsafe). */
+  readonly cacheUnsafe?: boolean;
   readonly [key: string]: unknown;
 }
 

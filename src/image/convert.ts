@@ -85,6 +85,8 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       format: targetIsNbd ? undefined : targetFormat,
       readOnly: false,
       ...(backingPath !== undefined ? { allowBacking: [dirname(backingPath)] } : {}),
+      // -t unsafe: no flush at all, as qemu-img's cache=unsafe (the lazy-refcount switch included).
+      ...(o.noFlush === true ? { cacheUnsafe: true } : {}),
     });
     dst = opened.device;
     if (dst.sizeBytes < sizeBytes) throw new UsageError(`the target is smaller (${dst.sizeBytes} bytes) than the source (${sizeBytes} bytes)`);
@@ -117,7 +119,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
     const d = dst;
     dst = undefined;
     await d.close();
-    if (lazyWhileWriting) await setQcow2LazyRefcounts(o.target, false);
+    if (lazyWhileWriting) await setQcow2LazyRefcounts(o.target, false, { cacheUnsafe: o.noFlush === true });
     return { ...stats, sizeBytes, targetFormat };
   } finally {
     await pool?.close();

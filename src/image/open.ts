@@ -18,6 +18,8 @@ export interface OpenTargetOptions {
   readonly readOnly: boolean;
   /** Passed to the format driver: where backing files may live. */
   readonly allowBacking?: readonly string[] | boolean;
+  /** Cache mode "unsafe" for a file: its flushes return at once. */
+  readonly cacheUnsafe?: boolean;
 }
 
 export function isNbdUri(text: string): boolean {
@@ -34,6 +36,7 @@ export async function openTarget(name: string, o: OpenTargetOptions): Promise<Op
     format: o.format,
     readOnly: o.readOnly,
     ...(o.allowBacking !== undefined ? { allowBacking: o.allowBacking } : {}),
+    ...(o.cacheUnsafe === true ? { cacheUnsafe: true } : {}),
   });
   return { device: opened.device, format: opened.format, kind: 'file' };
 }

@@ -10,8 +10,8 @@ import { QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT, QCOW2_MAGIC } from '../for
 const COMPATIBLE_FEATURES_OFFSET = 80;
 const INCOMPATIBLE_FEATURES_OFFSET = 72;
 
-export async function setQcow2LazyRefcounts(path: string, on: boolean): Promise<void> {
-  const file = await HostFile.open(path, { readOnly: false });
+export async function setQcow2LazyRefcounts(path: string, on: boolean, opts: { cacheUnsafe?: boolean } = {}): Promise<void> {
+  const file = await HostFile.open(path, { readOnly: false, ignoreFlush: opts.cacheUnsafe === true });
   try {
     const h = Buffer.alloc(104);
     await file.pread(h, 0);

@@ -12,6 +12,11 @@ export interface HostFileOptions {
   /** Create the file if missing (exclusive when `exclusive`). */
   readonly create?: boolean;
   readonly exclusive?: boolean;
+  /**
+   * Cache mode "unsafe" (qemu-img convert's default for targets): datasync() returns at once.
+   * For targets the user will not rely on until something else flushes them.
+   */
+  readonly ignoreFlush?: boolean;
 }
 
 function callback<T>(resolve: (v: T) => void, reject: (e: Error) => void) {
@@ -25,7 +30,13 @@ export class HostFile {
   readonly isBlockDevice: boolean;
   private closed = false;
 
-  private constructor(path: string, fd: number, readOnly: boolean, isBlockDevice: boolean) {
+  private constructor(
+    path: string,
+    fd: number,
+    readOnly: boolean,
+    isBlockDevice: boolean,
+    private readonly ignoreFlush: boolean,
+  ) {
     this.path = path;
     this.fd = fd;
     this.readOnly = readOnly;
@@ -40,7 +51,7 @@ export class HostFile {
     const fd = await new Promise<number>((res, rej) => open(path, flags, 0o644, callback(res, rej)));
     try {
       const st = await new Promise<import('node:fs').Stats>((res, rej) => fstat(fd, callback(res, rej)));
-      return new HostFile(path, fd, opts.readOnly ?? false, st.isBlockDevice());
+      return new HostFile(path, fd, opts.readOnly ?? false, st.isBlockDevice(), opts.ignoreFlush === true);
     } catch (e) {
       await new Promise<void>((res) => close(fd, () => res()));
       throw e;
@@ -92,6 +103,7 @@ export class HostFile {
   }
 
   datasync(): Promise<void> {
+    if (this.ignoreFlush) return Promise.resolve();
     return new Promise((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 

@@ -33,7 +33,8 @@ export async function openQcow2Path(path: string, opts: Qcow2PathOptions = {}): 
   const refuse = (what: string, name: string): never => {
     throw new BackingPolicyError(`qcow2: ${path} has ${what} ${JSON.stringify(name)} and ${what}s are not allowed here`);
   };
-  const file = await HostFile.open(path, { readOnly });
+  const ignoreFlush = opts.cacheUnsafe === true;
+  const file = await HostFile.open(path, { readOnly, ignoreFlush });
   try {
     return await Qcow2Device.open(file, {
       readOnly,
@@ -54,7 +55,7 @@ export async function openQcow2Path(path: string, opts: Qcow2PathOptions = {}): 
       openDataFile: async (ref, ro): Promise<HostFile> => {
         if (policy === false) return refuse('data file', ref.fileName);
         const r = await resolveBacking(path, ref.fileName, policy, 'data file');
-        return HostFile.open(r.path, { readOnly: ro });
+        return HostFile.open(r.path, { readOnly: ro, ignoreFlush });
       },
     });
   } catch (err) {

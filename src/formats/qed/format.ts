@@ -29,7 +29,7 @@ function isPolicy(x: unknown): x is BackingPolicy {
 export async function openQedPath(path: string, opts: QedPathOptions = {}): Promise<QedDevice> {
   const readOnly = opts.readOnly ?? false;
   const policy = isPolicy(opts.backingPolicy) ? opts.backingPolicy : await topBackingPolicy(path, opts.allowBacking);
-  const file = await HostFile.open(path, { readOnly });
+  const file = await HostFile.open(path, { readOnly, ignoreFlush: opts.cacheUnsafe === true });
   try {
     return await QedDevice.open(file, {
       readOnly,

@@ -40,6 +40,8 @@ export interface RawOpenOptions {
   readonly readOnly?: boolean;
   /** The format was probed, not given: refuse writes that would make the image probe as another format. */
   readonly probedRaw?: boolean;
+  /** Cache mode "unsafe": flushes return at once. */
+  readonly cacheUnsafe?: boolean;
 }
 
 const fstat = promisify(fstatCb) as (fd: number) => Promise<Stats>;
@@ -242,7 +244,7 @@ function alignDown(v: number, a: number): number {
 
 /** Open a raw image (regular file or block device). */
 export async function openRaw(path: string, opts: RawOpenOptions = {}): Promise<RawDevice> {
-  const file = await HostFile.open(path, { readOnly: opts.readOnly ?? false });
+  const file = await HostFile.open(path, { readOnly: opts.readOnly ?? false, ignoreFlush: opts.cacheUnsafe === true });
   try {
     const probed = opts.probedRaw ?? false;
     const st = await fstat(file.fd);
@@ -263,5 +265,5 @@ export async function openRaw(path: string, opts: RawOpenOptions = {}): Promise<
 export const rawFormat: FormatDriver = {
   name: 'raw',
   probe: () => true,
-  open: (path: string, opts: OpenImageOptions) => openRaw(path, { readOnly: opts.readOnly, probedRaw: opts.probed === true }),
+  open: (path: string, opts: OpenImageOptions) => openRaw(path, { readOnly: opts.readOnly, probedRaw: opts.probed === true, cacheUnsafe: opts.cacheUnsafe === true }),
 };

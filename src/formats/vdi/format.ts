@@ -7,7 +7,7 @@ import { VDI_SIGNATURE } from './header.js';
 
 export async function openVdiPath(path: string, opts: OpenImageOptions = {}): Promise<VdiDevice> {
   const readOnly = opts.readOnly ?? false;
-  const file = await HostFile.open(path, { readOnly });
+  const file = await HostFile.open(path, { readOnly, ignoreFlush: opts.cacheUnsafe === true });
   try {
     return await VdiDevice.open(file, { readOnly });
   } catch (err) {
