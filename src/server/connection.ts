@@ -32,7 +32,8 @@ import type { Logger } from './logger.js';
 import type { MetaContext } from './meta-context.js';
 import { Negotiator, type NegotiationAction, type TlsMode } from './negotiation.js';
 import { duplicateFd } from '../sys/namespace.js';
-import { growSendBuffer, rangeCached, zeroCopyAvailable } from '../sys/sendfile.js';
+import { rangeCached, zeroCopyAvailable } from '../sys/sendfile.js';
+import { growSendBuffer } from '../sys/socket.js';
 import { ReplyWriter, type ReadSegment } from './replies.js';
 import { commandName, validateRequest, type ValidationContext } from './validate.js';
 
@@ -98,7 +99,11 @@ const EMPTY = Buffer.alloc(0);
 const READ_CHUNK_BYTES = 64 * 1024;
 /** Write payloads at least this long are read in place (see RequestParser.fillTarget). */
 const FILL_IN_PLACE_MIN_BYTES = 64 * 1024;
-/** Asked for on zero-copy connections: see growSendBuffer(). */
+/**
+ * Send buffer asked for on zero-copy connections. sendfile only takes what fits: with room for
+ * many replies, a congested socket that drains to half empty takes whole replies again, rather
+ * than a piece of one and a copied rest.
+ */
 const ZERO_COPY_SEND_BUFFER = 4 * 1024 * 1024;
 
 let nextId = 1;

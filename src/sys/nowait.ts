@@ -12,7 +12,6 @@ type Preadv2 = (fd: number, iov: Buffer, iovcnt: number, offset: number, flags: 
 
 interface Nowait {
   readonly preadv2: Preadv2;
-  readonly errno: () => number;
   /** One struct iovec { void *base; size_t len; }, reused: calls are synchronous. */
   readonly iov: Buffer;
 }
@@ -24,9 +23,7 @@ function bind(): Nowait | null {
   try {
     const lib = koffi.load('libc.so.6');
     const preadv2 = lib.func('int64_t preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)') as unknown as Preadv2;
-    const errnoLocation = lib.func('int *__errno_location(void)');
-    const errno = (): number => koffi.decode(errnoLocation(), 'int') as number;
-    bound = { preadv2, errno, iov: Buffer.alloc(16) };
+    bound = { preadv2, iov: Buffer.alloc(16) };
   } catch {
     bound = null;
   }
@@ -56,7 +53,7 @@ export function tryPreadNowait(fd: number, buf: Buffer, offset: number): NowaitR
   b.iov.writeBigUInt64LE(BigInt(buf.length), 8);
   const n = b.preadv2(fd, b.iov, 1, offset, RWF_NOWAIT);
   if (n === buf.length) return 'done';
-  return n < 0 && b.errno() === EOPNOTSUPP ? 'unsupported' : 'later';
+  return n < 0 && koffi.errno() === EOPNOTSUPP ? 'unsupported' : 'later';
 }
 
 /** tryPreadNowait as a yes/no: true when `buf` was filled. */

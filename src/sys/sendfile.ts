@@ -21,7 +21,6 @@ interface Bindings {
   readonly sendfile: Call;
   readonly send: Call;
   readonly cachestat: Call;
-  readonly setsockopt: Call;
   /** struct cachestat_range { u64 off, len }; reused: calls are synchronous. */
   readonly range: Buffer;
   /** struct cachestat: five u64 counters, nr_cache first. */
@@ -46,7 +45,6 @@ function bind(): Bindings | null {
       sendfile: lib.func('int64_t sendfile(int out_fd, int in_fd, void *offset, size_t count)') as unknown as Call,
       send: lib.func('int64_t send(int fd, void *buf, size_t len, int flags)') as unknown as Call,
       cachestat,
-      setsockopt: lib.func('int setsockopt(int fd, int level, int name, void *value, uint32_t len)') as unknown as Call,
       range: Buffer.alloc(16),
       stat: Buffer.alloc(40),
       offset: Buffer.alloc(8),
@@ -109,21 +107,4 @@ export function sendFileNow(sockFd: number, fileFd: number, offset: number, leng
     if (errno === EAGAIN) return 0;
     throw new SyscallError('sendfile', errno);
   }
-}
-
-const SOL_SOCKET = 1;
-const SO_SNDBUF = 7;
-
-/**
- * Ask for a send buffer of `bytes` (the kernel caps it at net.core.wmem_max and doubles it).
- * sendfile only takes what fits: with room for many replies, a congested socket that drains
- * to half empty takes whole replies again, rather than a piece of one and a copied rest.
- */
-export function growSendBuffer(sockFd: number, bytes: number): void {
-  const b = bound ?? bind();
-  if (b === null) return;
-  const v = Buffer.alloc(4);
-  v.writeInt32LE(bytes, 0);
-  // Best effort: the default buffer still works, only with more copying.
-  b.setsockopt(sockFd, SOL_SOCKET, SO_SNDBUF, v, 4);
 }

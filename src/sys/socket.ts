@@ -104,24 +104,29 @@ const SO_SNDBUFFORCE = 32;
 const NBD_PAIR_SEND_BUFFER = 8 * 1024 * 1024;
 
 /**
+ * Ask for a send buffer of `bytes`: the kernel caps it at net.core.wmem_max (and doubles it)
+ * unless `pastSystemLimit` and the process may exceed it. Best effort: the default buffer still
+ * works, only with more wakeups and copies.
+ */
+export function growSendBuffer(fd: number, bytes: number, opts: { pastSystemLimit?: boolean } = {}): void {
+  for (const name of opts.pastSystemLimit ? [SO_SNDBUFFORCE, SO_SNDBUF] : [SO_SNDBUF]) {
+    try {
+      setSockOptInt(fd, SOL_SOCKET, name, bytes);
+      return;
+    } catch {
+      // Not allowed, or not a socket: try the next, or keep the default.
+    }
+  }
+}
+
+/**
  * A socketpair between the kernel's NBD driver and the server, with send buffers that hold
  * whole large requests and replies: with the default (about 200 KiB) a 1 MiB write reaches the
- * server in many small reads, each a wakeup of both sides. Best effort: without the privilege
- * to exceed net.core.wmem_max the pair works as it is.
+ * server in many small reads, each a wakeup of both sides.
  */
 export function nbdSocketPair(): [user: number, kernel: number] {
   const pair = socketPair();
-  for (const fd of pair) {
-    try {
-      setSockOptInt(fd, SOL_SOCKET, SO_SNDBUFFORCE, NBD_PAIR_SEND_BUFFER);
-    } catch {
-      try {
-        setSockOptInt(fd, SOL_SOCKET, SO_SNDBUF, NBD_PAIR_SEND_BUFFER);
-      } catch {
-        // The default buffer.
-      }
-    }
-  }
+  for (const fd of pair) growSendBuffer(fd, NBD_PAIR_SEND_BUFFER, { pastSystemLimit: true });
   return pair;
 }
 
