@@ -37,10 +37,11 @@ function bind(): Nowait | null {
  */
 export type NowaitResult = 'done' | 'later' | 'unsupported';
 
-const EOPNOTSUPP = 95;
+/** Linux's errno for a file system without no-wait reads. */
+const EOPNOTSUPP = (koffi.os.errno as Record<string, number>).EOPNOTSUPP;
 
 /**
- * Fill `buf` from `offset` if that can be done without waiting for the disk. Anything but Done
+ * Fill `buf` from `offset` if that can be done without waiting for the disk. Anything but 'done'
  * (having maybe filled part of `buf`) means the caller must do an ordinary read instead.
  */
 export function tryPreadNowait(fd: number, buf: Buffer, offset: number): NowaitResult {
