@@ -101,7 +101,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       grainBytes = q.geometry.clusterSize;
       pool = new CompressPool(o.threads);
       compress = { pool, type: q.header.compressionType };
-      target = { ...target, writeCompressed: (buf, offset, packed) => q.writeCompressed(buf, offset, packed) };
+      target = { ...target, writeCompressedRun: (buf, offset, packed) => q.writeCompressedRun(buf, offset, packed) };
     }
     const requestBytes = Math.max(grainBytes, o.requestBytes ?? DEFAULT_REQUEST_BYTES);
     const stats = await transfer({

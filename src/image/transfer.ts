@@ -23,8 +23,8 @@ export interface TransferTarget {
   write(buf: Buffer, offset: number): Promise<void>;
   /** Make the range read as zeros. */
   zero(offset: number, length: number): Promise<void>;
-  /** Write one whole cluster already compressed by the pool (null: it did not compress). */
-  writeCompressed?(buf: Buffer, offset: number, packed: Buffer | null): Promise<void>;
+  /** Write whole clusters already compressed by the pool, one result each (null: it did not compress). */
+  writeCompressedRun?(buf: Buffer, offset: number, packed: readonly (Buffer | null)[]): Promise<void>;
 }
 
 export interface TransferOptions {
@@ -188,7 +188,8 @@ async function runJob(
     return;
   }
   const data = buf.subarray(0, job.length);
-  await src.pread(data, job.offset);
+  // Data in the page cache is copied here and now, without a round trip to the thread pool.
+  if (src.readNow?.(data, job.offset) !== true) await src.pread(data, job.offset);
   stats.readBytes += job.length;
   if (old) {
     const cur = old.subarray(0, job.length);
@@ -219,7 +220,8 @@ async function runJob(
 async function writeGrains(o: TransferOptions, stats: TransferStats, dst: TransferTarget, data: Buffer, offset: number, packed?: Buffer): Promise<void> {
   const runs = zeroRuns(data, o.grainBytes);
   const writes: Promise<void>[] = [];
-  const toCompress: { buf: Buffer; offset: number }[] = [];
+  const toCompress: Buffer[] = [];
+  const compressRuns: [number, number][] = [];
   for (const [a, b, zero] of runs) {
     if (zero) {
       if (!o.targetZeroed || o.onlyDifferences) {
@@ -233,15 +235,19 @@ async function writeGrains(o: TransferOptions, stats: TransferStats, dst: Transf
       stats.writtenBytes += b - a;
       continue;
     }
-    for (let c = a; c < b; c += o.grainBytes) toCompress.push({ buf: data.subarray(c, Math.min(b, c + o.grainBytes)), offset: offset + c });
+    compressRuns.push([a, b]);
+    for (let c = a; c < b; c += o.grainBytes) toCompress.push(data.subarray(c, Math.min(b, c + o.grainBytes)));
   }
   if (toCompress.length > 0) {
     // Each cluster is compressed whole: a short last cluster is padded with zeros, as the driver would.
-    const results = await o.compress!.pool.compress(o.compress!.type, toCompress.map((x) => x.buf), o.grainBytes, packed!);
-    for (let i = 0; i < toCompress.length; i++) {
-      const x = toCompress[i]!;
-      writes.push(dst.writeCompressed!(x.buf, x.offset, results[i] ?? null));
-      stats.writtenBytes += results[i]?.length ?? x.buf.length;
+    const results = await o.compress!.pool.compress(o.compress!.type, toCompress, o.grainBytes, packed!);
+    let i = 0;
+    for (const [a, b] of compressRuns) {
+      const n = Math.ceil((b - a) / o.grainBytes);
+      const mine = results.slice(i, i + n);
+      for (let k = 0; k < n; k++) stats.writtenBytes += mine[k]?.length ?? toCompress[i + k]!.length;
+      writes.push(dst.writeCompressedRun!(data.subarray(a, b), offset + a, mine));
+      i += n;
     }
   }
   await Promise.all(writes);

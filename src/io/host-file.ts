@@ -2,8 +2,15 @@
 // Format drivers (raw, qcow2, qed, vdi) build on this; it loops over short reads and
 // writes so callers always get whole transfers.
 
-import { close, fdatasync, fstat, open, read, write, ftruncate, constants as fsConstants } from 'node:fs';
+import { close, fdatasync, fstat, open, read, write, ftruncate, statfs, constants as fsConstants } from 'node:fs';
 import { RequestError } from '../errors.js';
+import { FALLOC_FL_KEEP_SIZE, fallocateSync } from '../sys/libc.js';
+
+/** statfs f_type of the filesystems whose delayed allocation fills reserved blocks faster (linux/magic.h). */
+const RESERVING_FILESYSTEMS = new Set([0xef53 /* ext2/3/4 */, 0x58465342 /* XFS */]);
+
+/** Writes at least this long into holes are worth reserving first; smaller ones gain nothing. */
+export const RESERVE_MIN_BYTES = 256 * 1024;
 
 export interface HostFileOptions {
   readonly readOnly?: boolean;
@@ -19,6 +26,11 @@ export interface HostFileOptions {
   readonly ignoreFlush?: boolean;
 }
 
+/** statfs(2) f_type of the filesystem holding `path`, 0 when unknown. */
+function filesystemType(path: string): Promise<number> {
+  return new Promise((resolve) => statfs(path, (err, st) => resolve(err ? 0 : Number(st.type))));
+}
+
 function callback<T>(resolve: (v: T) => void, reject: (e: Error) => void) {
   return (err: NodeJS.ErrnoException | null, v: T) => (err ? reject(err) : resolve(v));
 }
@@ -29,6 +41,8 @@ export class HostFile {
   readonly readOnly: boolean;
   readonly isBlockDevice: boolean;
   private closed = false;
+  /** reserve() does something: a writable regular file on ext4 or XFS, until fallocate refuses. */
+  private reserving: boolean;
 
   private constructor(
     path: string,
@@ -36,11 +50,13 @@ export class HostFile {
     readOnly: boolean,
     isBlockDevice: boolean,
     private readonly ignoreFlush: boolean,
+    reserving: boolean,
   ) {
     this.path = path;
     this.fd = fd;
     this.readOnly = readOnly;
     this.isBlockDevice = isBlockDevice;
+    this.reserving = reserving;
   }
 
   static async open(path: string, opts: HostFileOptions = {}): Promise<HostFile> {
@@ -51,7 +67,8 @@ export class HostFile {
     const fd = await new Promise<number>((res, rej) => open(path, flags, 0o644, callback(res, rej)));
     try {
       const st = await new Promise<import('node:fs').Stats>((res, rej) => fstat(fd, callback(res, rej)));
-      return new HostFile(path, fd, opts.readOnly ?? false, st.isBlockDevice(), opts.ignoreFlush === true);
+      const reserving = !opts.readOnly && st.isFile() && RESERVING_FILESYSTEMS.has(await filesystemType(path));
+      return new HostFile(path, fd, opts.readOnly ?? false, st.isBlockDevice(), opts.ignoreFlush === true, reserving);
     } catch (e) {
       await new Promise<void>((res) => close(fd, () => res()));
       throw e;
@@ -100,6 +117,18 @@ export class HostFile {
       if (buf.length === 0) resolve();
       else step(0);
     });
+  }
+
+  /**
+   * About to write all of [offset, offset + length), which may be a hole: reserve its blocks
+   * first (fallocate, keeping the size). ext4 and XFS then fill them about twice as fast as
+   * through delayed allocation (512 MiB in 2 MiB writes
+   * into a fresh file: 0.10 s -> 0.055 s).
+   * Only a hint: on failure the write allocates as usual.
+   */
+  reserve(offset: number, length: number): void {
+    if (!this.reserving || length < RESERVE_MIN_BYTES) return;
+    if (!fallocateSync(this.fd, FALLOC_FL_KEEP_SIZE, offset, length)) this.reserving = false;
   }
 
   datasync(): Promise<void> {

@@ -681,6 +681,7 @@ export class Qcow2Device implements BlockDevice {
         const base = await this.refcounts.allocate(toAllocate.length);
         toAllocate.forEach((p, i) => (p.hostOffset = base + i * cs));
         await this.extendFile();
+        this.data.reserve(base, toAllocate.length * cs);
       });
     }
 
@@ -816,40 +817,91 @@ export class Qcow2Device implements BlockDevice {
    * when the data does not compress.
    */
   async writeCompressed(buf: Buffer, offset: number, precompressed?: Buffer | null): Promise<void> {
+    const packed = precompressed !== undefined ? precompressed : await this.compressWhole(buf, offset);
+    await this.writeCompressedRun(buf, offset, [packed]);
+  }
+
+  private compressWhole(buf: Buffer, offset: number): Promise<Buffer | null> {
+    this.checkCompressedRun(buf, offset, 1);
+    const cs = this.geometry.clusterSize;
+    const full = buf.length === cs ? buf : Buffer.concat([buf, Buffer.alloc(cs - buf.length)]);
+    return compressCluster(this.header.compressionType, full);
+  }
+
+  private checkCompressedRun(buf: Buffer, offset: number, clusters: number): void {
     this.assertWritable();
-    const g = this.geometry;
-    const cs = g.clusterSize;
-    if (offset % cs !== 0 || (buf.length !== cs && offset + buf.length !== this.sizeBytes) || buf.length > cs) {
-      throw new RequestError('EINVAL', 'qcow2: compressed writes cover exactly one cluster');
+    const cs = this.geometry.clusterSize;
+    const whole = clusters * cs;
+    if (offset % cs !== 0 || clusters < 1 || (buf.length !== whole && !(buf.length > whole - cs && buf.length < whole && offset + buf.length === this.sizeBytes))) {
+      throw new RequestError('EINVAL', 'qcow2: compressed writes cover whole clusters');
     }
     this.checkRange(offset, buf.length);
-    if (g.externalData) throw new UnsupportedImageError('qcow2: compressed clusters are not allowed with an external data file');
-    const full = buf.length === cs ? buf : Buffer.concat([buf, Buffer.alloc(cs - buf.length)]);
-    // A caller compressing on other threads passes the result (null: did not shrink).
-    const packed = precompressed !== undefined ? precompressed : await compressCluster(this.header.compressionType, full);
+    if (this.geometry.externalData) throw new UnsupportedImageError('qcow2: compressed clusters are not allowed with an external data file');
+  }
+
+  /**
+   * Write consecutive whole guest clusters, each given compressed by the caller (`packed[i]`,
+   * null when it did not shrink), as one request: one lock, one allocation and one L2 update
+   * for all of them. Clusters that do not compress are written plainly, as QEMU does, runs of
+   * them in one write.
+   */
+  async writeCompressedRun(buf: Buffer, offset: number, packed: readonly (Buffer | null)[]): Promise<void> {
+    this.checkCompressedRun(buf, offset, packed.length);
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const first = offset / cs;
     // QEMU writes a cluster plainly when compression does not fit in less than a cluster.
-    if (packed === null || packed.length > cs - 512) return this.pwrite(buf, offset);
-    const cluster = offset / cs;
+    const plain = (i: number): boolean => packed[i] === null || packed[i]!.length > cs - 512;
     await this.guardCorrupt(() =>
-      this.clusterLock.run(cluster, cluster, true, async () => {
-        const old = await this.entry(cluster);
-        const hostOffset = await this.meta(async () => {
-          await this.markDirtyIfLazy();
-          return this.compressedSpace.allocate(packed.length);
-        });
-        // Packed clusters are allocated one after another: written back to back, they merge.
-        await this.writeCompressedData(packed, hostOffset);
-        await this.meta(async () => {
-          const l1Index = Math.floor(cluster / g.l2Entries);
-          const tableOffset = await this.writableL2(l1Index);
-          const table = await this.l2Cache.get(tableOffset);
-          const idx = cluster % g.l2Entries;
-          encodeCompressedEntry(g, table, idx, hostOffset, packed.length);
-          await this.l2Cache.write(tableOffset, table, { start: idx * g.l2EntryBytes, end: (idx + 1) * g.l2EntryBytes });
-          this.releaseOld([old]);
-        });
+      this.clusterLock.run(first, first + packed.length - 1, true, async () => {
+        const writes: Promise<void>[] = [];
+        for (let i = 0; i < packed.length; ) {
+          if (!plain(i)) {
+            i++;
+            continue;
+          }
+          let j = i + 1;
+          while (j < packed.length && plain(j)) j++;
+          writes.push(this.writeGuest(buf.subarray(i * cs, Math.min(buf.length, j * cs)), offset + i * cs));
+          i = j;
+        }
+        const clusters: number[] = [];
+        for (let i = 0; i < packed.length; i++) if (!plain(i)) clusters.push(first + i);
+        if (clusters.length > 0) writes.push(this.writeCompressedClusters(clusters, clusters.map((c) => packed[c - first]!)));
+        await Promise.all(writes);
       }),
     );
+  }
+
+  /** Compressed clusters (callers hold their locks): data first, then the L2 entries naming it. */
+  private async writeCompressedClusters(clusters: readonly number[], packed: readonly Buffer[]): Promise<void> {
+    const g = this.geometry;
+    const olds = await Promise.all(clusters.map((c) => this.entry(c)));
+    const hosts = await this.meta(async () => {
+      await this.markDirtyIfLazy();
+      const out: number[] = [];
+      for (const p of packed) out.push(await this.compressedSpace.allocate(p.length));
+      return out;
+    });
+    // Packed clusters are allocated one after another: written back to back, they merge.
+    await Promise.all(packed.map((p, i) => this.writeCompressedData(p, hosts[i]!)));
+    await this.meta(async () => {
+      for (let i = 0; i < clusters.length; ) {
+        const l1Index = Math.floor(clusters[i]! / g.l2Entries);
+        const tableOffset = await this.writableL2(l1Index);
+        const table = await this.l2Cache.get(tableOffset);
+        let lo = Infinity;
+        let hi = 0;
+        for (; i < clusters.length && Math.floor(clusters[i]! / g.l2Entries) === l1Index; i++) {
+          const idx = clusters[i]! % g.l2Entries;
+          encodeCompressedEntry(g, table, idx, hosts[i]!, packed[i]!.length);
+          lo = Math.min(lo, idx * g.l2EntryBytes);
+          hi = Math.max(hi, (idx + 1) * g.l2EntryBytes);
+        }
+        await this.l2Cache.write(tableOffset, table, { start: lo, end: hi });
+      }
+      this.releaseOld(olds);
+    });
   }
 
   // ---- zero and trim -------------------------------------------------------------------------

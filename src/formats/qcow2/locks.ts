@@ -29,23 +29,33 @@ interface Holder {
 export class RangeLock {
   /** Granted and waiting holders in arrival order; a waiter never overtakes a conflicting earlier one. */
   private readonly queue: Holder[] = [];
+  /** Holders not yet granted: while there are none, a release has nobody to wake. */
+  private waiting = 0;
 
   async run<T>(first: number, last: number, exclusive: boolean, fn: () => Promise<T>): Promise<T> {
     const h: Holder = { first, last, exclusive, granted: false, wake: null };
     this.queue.push(h);
-    if (!this.grantable(h)) await new Promise<void>((r) => (h.wake = r));
+    if (!this.grantable(h)) {
+      this.waiting++;
+      await new Promise<void>((r) => (h.wake = r));
+    }
     h.granted = true;
     try {
       return await fn();
     } finally {
       this.queue.splice(this.queue.indexOf(h), 1);
-      for (const w of this.queue) {
-        if (!w.granted && w.wake && this.grantable(w)) {
-          const wake = w.wake;
-          w.wake = null;
-          w.granted = true;
-          wake();
-        }
+      if (this.waiting > 0) this.wakeGrantable();
+    }
+  }
+
+  private wakeGrantable(): void {
+    for (const w of this.queue) {
+      if (!w.granted && w.wake && this.grantable(w)) {
+        const wake = w.wake;
+        w.wake = null;
+        w.granted = true;
+        this.waiting--;
+        wake();
       }
     }
   }

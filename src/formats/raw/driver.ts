@@ -117,6 +117,7 @@ export class RawDevice implements BlockDevice {
   pwrite(buf: Buffer, offset: number): Promise<void> {
     if (offset + buf.length > this.sizeBytes) return Promise.reject(beyondEnd(offset, buf.length, this.sizeBytes));
     if (this.guardHead && offset < PROBE_HEAD_BYTES && buf.length > 0) return this.guardedWrite(buf, offset);
+    this.file.reserve(offset, buf.length);
     return this.writes === null ? this.file.pwrite(buf, offset) : this.writes.write(buf, offset);
   }
 
