@@ -4,7 +4,8 @@
 // both shared memory: a batch crosses threads as a few numbers, with no copy and no allocation.
 
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
+import type { Worker } from 'node:worker_threads';
 import { ImgbdError } from '../errors.js';
 
 export interface CompressRequest {
@@ -49,6 +50,8 @@ interface Slot {
  * from source) the loader does not reach worker threads, so the worker registers it first.
  */
 function startWorker(): Worker {
+  // Loaded with the first pool: conversions without -c never start a thread.
+  const { Worker } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
   if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./compress-worker.js', import.meta.url));
   const api = import.meta.resolve('tsx/esm/api');
   const body = new URL('./compress-worker.ts', import.meta.url).href;

@@ -2,7 +2,6 @@
 // URI (the export is then the device, its format is the server's business).
 
 import type { BlockDevice } from '../block/device.js';
-import { openNbdDevice } from '../client/index.js';
 import { UsageError } from '../errors.js';
 import { openImageWithFormat } from '../formats/open.js';
 
@@ -29,6 +28,8 @@ export function isNbdUri(text: string): boolean {
 export async function openTarget(name: string, o: OpenTargetOptions): Promise<OpenedTarget> {
   if (isNbdUri(name)) {
     if (o.format !== undefined && o.format !== 'raw') throw new UsageError(`format ${o.format} does not apply to an NBD URI: the export is already a block device`);
+    // The NBD client (and TLS with it) loads only for a URI: local conversions start sooner.
+    const { openNbdDevice } = await import('../client/index.js');
     const device = await openNbdDevice(name, { metaContexts: ['base:allocation', 'qemu:allocation-depth'] });
     return { device, format: 'nbd', kind: 'nbd' };
   }

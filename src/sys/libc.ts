@@ -30,7 +30,7 @@ export const POSIX_FADV_WILLNEED = 3;
 
 interface Bindings {
   lseek: SyncFn;
-  fallocate: AsyncFn & SyncFn;
+  fallocate: AsyncFn;
   fadvise: AsyncFn;
   ioctlPtr: SyncFn & AsyncFn;
 }
@@ -47,7 +47,7 @@ class Libc {
     // and pointer arguments on the Linux ABIs we support (x86_64 SysV, AAPCS64).
     this.b = {
       lseek: lib.func('int64_t lseek(int fd, int64_t offset, int whence)') as unknown as SyncFn,
-      fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as AsyncFn & SyncFn,
+      fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as AsyncFn,
       fadvise: lib.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)') as unknown as AsyncFn,
       ioctlPtr: lib.func('int ioctl(int fd, unsigned long request, void *arg)') as unknown as SyncFn & AsyncFn,
     };
@@ -127,14 +127,6 @@ function seekOrNull(fd: number, offset: number, whence: number): number | null {
 export async function fallocate(fd: number, mode: number, offset: number, length: number): Promise<void> {
   const l = libc();
   await l.callAsync(l.bindings.fallocate, 'fallocate', [fd, mode, offset, length]);
-}
-
-/**
- * fallocate(2) here and now, for the quick case: reserving blocks on a local filesystem takes
- * microseconds, less than a hop to the thread pool. False when it failed.
- */
-export function fallocateSync(fd: number, mode: number, offset: number, length: number): boolean {
-  return libc().bindings.fallocate(fd, mode, offset, length) === 0;
 }
 
 /** posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED) on the thread pool: start reading ahead. */

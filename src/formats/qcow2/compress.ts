@@ -5,15 +5,21 @@
 // data is padded to 512-byte sectors and may be followed by another cluster's data, so the zstd
 // frame length is found by walking the frame before decoding it.
 
+import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
-import { deflateRaw, deflateRawSync, inflateRaw, constants as zc } from 'node:zlib';
 import type * as ZstdWasm from '@bokuweb/zstd-wasm';
 import { CorruptImageError } from '../../errors.js';
 import { loadNativeZstd, type NativeZstd } from '../../sys/zstd.js';
 import { QCOW2_COMPRESSION, type Qcow2CompressionType } from './header.js';
 
-const inflateRawAsync = promisify(inflateRaw);
-const deflateRawAsync = promisify(deflateRaw);
+// node:zlib loads when a zlib cluster is first met: most images never have one.
+let zlibModule: typeof import('node:zlib') | undefined;
+function zlib(): typeof import('node:zlib') {
+  zlibModule ??= createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib');
+  return zlibModule;
+}
+const inflateRawAsync = (src: Buffer, o: import('node:zlib').ZlibOptions): Promise<Buffer> => promisify(zlib().inflateRaw)(src, o);
+const deflateRawAsync = (src: Buffer, o: import('node:zlib').ZlibOptions): Promise<Buffer> => promisify(zlib().deflateRaw)(src, o);
 
 /** QEMU's zstd level (ZSTD_CLEVEL_DEFAULT). */
 const ZSTD_LEVEL = 3;
@@ -45,7 +51,7 @@ function zstdCompressSync(src: Buffer): Buffer {
  */
 export function compressClusterInto(type: Qcow2CompressionType, src: Buffer, dst: Buffer): number {
   if (type === QCOW2_COMPRESSION.ZSTD && native) return native.compressInto(src, dst, ZSTD_LEVEL);
-  const out = type === QCOW2_COMPRESSION.ZLIB ? deflateRawSync(src, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION }) : zstdCompressSync(src);
+  const out = type === QCOW2_COMPRESSION.ZLIB ? zlib().deflateRawSync(src, { windowBits: 12, level: zlib().constants.Z_DEFAULT_COMPRESSION }) : zstdCompressSync(src);
   if (out.length > dst.length) return -1;
   out.copy(dst);
   return out.length;
@@ -109,7 +115,7 @@ export async function decompressCluster(type: Qcow2CompressionType, src: Buffer,
   if (type === QCOW2_COMPRESSION.ZLIB) {
     try {
       // Z_SYNC_FLUSH: like QEMU, accept data that fills the cluster without a final block marker.
-      data = await inflateRawAsync(src, { maxOutputLength: clusterSize, finishFlush: zc.Z_SYNC_FLUSH });
+      data = await inflateRawAsync(src, { maxOutputLength: clusterSize, finishFlush: zlib().constants.Z_SYNC_FLUSH });
     } catch (err) {
       throw new CorruptImageError(`qcow2: compressed cluster does not inflate: ${(err as Error).message}`, { cause: err });
     }
@@ -132,7 +138,7 @@ export async function compressCluster(type: Qcow2CompressionType, src: Buffer): 
   let out: Buffer;
   if (type === QCOW2_COMPRESSION.ZLIB) {
     // QEMU uses window bits -12 and the default level.
-    out = await deflateRawAsync(src, { windowBits: 12, level: zc.Z_DEFAULT_COMPRESSION });
+    out = await deflateRawAsync(src, { windowBits: 12, level: zlib().constants.Z_DEFAULT_COMPRESSION });
   } else {
     await initZstd();
     out = zstdCompressSync(src);

@@ -2,7 +2,6 @@
 // (4 bytes), time_mid (2), time_hi_and_version (2) — are stored little-endian, the last 8 bytes
 // as they are (the mixed-endian "GUID" layout QEMU converts with qemu_uuid_bswap).
 
-import { randomUUID } from 'node:crypto';
 import { UsageError } from '../../errors.js';
 
 function swapFields(src: Buffer): Buffer {
@@ -28,5 +27,6 @@ export function encodeVdiUuid(text: string): Buffer {
 
 /** A fresh random (version 4) UUID in on-disk form. */
 export function randomVdiUuid(): Buffer {
-  return encodeVdiUuid(randomUUID());
+  // Web Crypto's global loads the crypto module on first use, not with every driver.
+  return encodeVdiUuid(globalThis.crypto.randomUUID());
 }
