@@ -25,12 +25,13 @@ interface ConvertRow {
   readonly extra: readonly string[];
 }
 
-const IMGBD = resolve('dist/src/cli/main.js');
+// The imgbd command as users run it (bin/imgbd, what an npm install links).
+const IMGBD = resolve('bin/imgbd');
 
 const TOOLS: readonly Tool[] = [
-  { name: 'imgbd', argv: (f, ff, t, tf, x) => [process.execPath, [IMGBD, 'convert', '-q', '-f', ff, '-O', tf, ...x, f, t]] },
-  { name: 'imgbd -t unsafe', argv: (f, ff, t, tf, x) => [process.execPath, [IMGBD, 'convert', '-q', '-t', 'unsafe', '-f', ff, '-O', tf, ...x, f, t]] },
-  { name: 'imgbd 1 thread', argv: (f, ff, t, tf, x) => [process.execPath, [IMGBD, 'convert', '-q', '--threads', '1', '-f', ff, '-O', tf, ...x, f, t]] },
+  { name: 'imgbd', argv: (f, ff, t, tf, x) => [IMGBD, ['convert', '-q', '-f', ff, '-O', tf, ...x, f, t]] },
+  { name: 'imgbd -t unsafe', argv: (f, ff, t, tf, x) => [IMGBD, ['convert', '-q', '-t', 'unsafe', '-f', ff, '-O', tf, ...x, f, t]] },
+  { name: 'imgbd 1 thread', argv: (f, ff, t, tf, x) => [IMGBD, ['convert', '-q', '--threads', '1', '-f', ff, '-O', tf, ...x, f, t]] },
   { name: 'qemu-img', argv: (f, ff, t, tf, x) => ['qemu-img', ['convert', '-f', ff, '-O', tf, ...x, f, t]] },
   { name: 'qemu-img -m 8 -W', argv: (f, ff, t, tf, x) => ['qemu-img', ['convert', '-m', '8', '-W', '-f', ff, '-O', tf, ...x, f, t]] },
 ];

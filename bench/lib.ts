@@ -27,7 +27,7 @@ export async function ensureRandomFile(path: string, sizeBytes: number): Promise
 function commandFor(kind: ServerKind, image: string, socket: string, format: 'raw' | 'qcow2'): [string, string[]] {
   switch (kind) {
     case 'imgbd':
-      return [process.execPath, [resolve('dist/src/cli/main.js'), 'serve', '-f', format, '-k', socket, '-e', '0', '-t', image]];
+      return [resolve('bin/imgbd'), ['serve', '-f', format, '-k', socket, '-e', '0', '-t', image]];
     case 'qemu-nbd':
       return ['qemu-nbd', ['-f', format, '-k', socket, '-e', '0', '-t', image]];
     case 'qemu-nbd-io_uring':

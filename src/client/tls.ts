@@ -9,6 +9,7 @@ import { isIP } from 'node:net';
 import { userInfo } from 'node:os';
 import { join } from 'node:path';
 import tls from 'node:tls';
+import { defaultTrustStore } from './extra-ca.js';
 import { NbdTlsError } from './errors.js';
 import type { NbdTlsOptions } from './target.js';
 
@@ -52,6 +53,12 @@ async function readOptional(path: string): Promise<Buffer | undefined> {
 }
 
 /** Connection options for tls.connect over an existing socket. */
+/** No CA given: Node's default store, with the certificates NODE_EXTRA_CA_CERTS named (bin/imgbd). */
+function withExtraCa(): { ca?: (string | Buffer)[] } {
+  const ca = defaultTrustStore();
+  return ca === undefined ? {} : { ca };
+}
+
 export async function buildTlsOptions(opts: NbdTlsOptions, tcpHost: string | undefined): Promise<tls.ConnectionOptions> {
   const verifyPeer = opts.verifyPeer ?? true;
   const hostname = opts.hostname ?? tcpHost;
@@ -81,7 +88,7 @@ export async function buildTlsOptions(opts: NbdTlsOptions, tcpHost: string | und
   if ((cert === undefined) !== (key === undefined)) throw new NbdTlsError('a client certificate needs its key, and a key its certificate');
   return {
     ...base,
-    ...(ca !== undefined ? { ca } : {}),
+    ...(ca !== undefined ? { ca } : withExtraCa()),
     ...(cert !== undefined ? { cert, key } : {}),
     rejectUnauthorized: verifyPeer,
     checkServerIdentity: (_host, peer) => {

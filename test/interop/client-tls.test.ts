@@ -10,7 +10,7 @@ import { describe, it, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { NbdOptionError, NbdTlsError } from '../../src/client/errors.js';
 import { ImgbdError } from '../../src/errors.js';
-import { requirePeers, runOk, spawnPeer, tempDir, waitFor } from '../helpers/peers.js';
+import { repoRoot, requirePeers, run, runOk, spawnPeer, tempDir, waitFor } from '../helpers/peers.js';
 
 /** Start a server; its PID file (written once it listens) says when it is ready. */
 async function serve(t: TestContext, dir: string, cmd: 'nbdkit' | 'qemu-nbd', args: (sock: string) => string[]): Promise<string> {
@@ -109,6 +109,32 @@ describe('NbdClient over TLS', () => {
     const unverified = await NbdClient.connect(`nbds+unix:///?socket=${sock}&tls-certificates=${pki.otherCaClientDir}&tls-verify-peer=0`);
     await roundTrip(unverified);
     await unverified.disconnect();
+  });
+
+  it('the imgbd command trusts the CAs NODE_EXTRA_CA_CERTS names, though node no longer reads them at start', async (t) => {
+    if (!requirePeers(t, 'nbdkit', 'openssl')) return;
+    const dir = tempDir(t);
+    const pki = await makePki(dir);
+    const sock = await serve(t, dir, 'nbdkit', (s) => ['-f', '-U', s, '--tls=require', `--tls-certificates=${pki.serverDir}`, 'memory', '4M']);
+    // No tls-certificates: the chain must verify against the default store.
+    const uri = `nbds+unix:///?socket=${sock}`;
+    const imgbd = join(repoRoot(), 'bin', 'imgbd');
+    const env = { ...process.env };
+    delete env.NODE_EXTRA_CA_CERTS;
+    delete env.IMGBD_EXTRA_CA_CERTS;
+    const untrusted = await run(imgbd, ['info', '--json', uri], { env });
+    assert.notEqual(untrusted.code, 0, untrusted.stdout);
+    const trusted = await run(imgbd, ['info', '--json', uri], { env: { ...env, NODE_EXTRA_CA_CERTS: join(pki.clientDir, 'ca-cert.pem') } });
+    assert.equal(trusted.code, 0, trusted.stderr);
+    assert.equal((JSON.parse(trusted.stdout) as { 'export-size': number })['export-size'], 4 * 1024 * 1024);
+    // Node itself warns at start about a file it cannot read; through bin/imgbd, a command that
+    // makes no TLS connection never looks at it.
+    const missing = { ...env, NODE_EXTRA_CA_CERTS: join(dir, 'no-such.pem') };
+    const direct = await run(process.execPath, [join(repoRoot(), 'dist', 'src', 'cli', 'main.js'), '--version'], { env: missing });
+    assert.match(direct.stderr, /extra certs/);
+    const launched = await run(imgbd, ['--version'], { env: missing });
+    assert.equal(launched.code, 0);
+    assert.doesNotMatch(launched.stderr, /extra certs/);
   });
 
   it('nbdkit X.509 with --tls-verify-peer: a client certificate is required', async (t) => {
