@@ -3,7 +3,9 @@
 // microsecond instead of a round trip through libuv's thread pool, and a read that would wait
 // for the disk is still handed to the pool, so the event loop never blocks on I/O.
 
+import { readSync, statfsSync } from 'node:fs';
 import koffi from 'koffi';
+import { isMemoryFilesystem } from './fs-magic.js';
 
 /** include/uapi/linux/fs.h */
 const RWF_NOWAIT = 0x00000008;
@@ -62,19 +64,32 @@ export function preadNowait(fd: number, buf: Buffer, offset: number): boolean {
   return tryPreadNowait(fd, buf, offset) === 'done';
 }
 
+/** The file system of an open file is memory-backed (checked through its /proc/self/fd link). */
+function inMemory(fd: number): boolean {
+  try {
+    return isMemoryFilesystem(Number(statfsSync(`/proc/self/fd/${fd}`).type));
+  } catch {
+    return false;
+  }
+}
+
 /**
- * No-wait reads of one file that stop being tried once its file system has refused one: each
- * refused attempt is a wasted system call in front of the thread-pool read that follows.
+ * No-wait reads of one file. A file system that refuses them (tmpfs, even on Linux 6.18) costs
+ * one refused call: after that, a file in memory (tmpfs, ramfs) is read here with an ordinary
+ * read, which only copies pages (it could wait only for pages the kernel swapped out), and any
+ * other file is left to the thread pool.
  */
 export class NowaitReader {
-  private supported = true;
+  private mode: 'nowait' | 'memory' | 'off' = 'nowait';
 
   constructor(private readonly fd: number) {}
 
   read(buf: Buffer, offset: number): boolean {
-    if (!this.supported) return false;
+    if (this.mode === 'memory') return readSync(this.fd, buf, 0, buf.length, offset) === buf.length;
+    if (this.mode === 'off') return false;
     const r = tryPreadNowait(this.fd, buf, offset);
-    if (r === 'unsupported') this.supported = false;
-    return r === 'done';
+    if (r !== 'unsupported') return r === 'done';
+    this.mode = inMemory(this.fd) ? 'memory' : 'off';
+    return this.read(buf, offset);
   }
 }

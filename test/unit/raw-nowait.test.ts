@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Backend } from '../../src/block/backend.js';
@@ -60,4 +60,22 @@ test('a file system that cannot read without waiting is told apart from uncached
   assert.equal(reader.read(buf, 0), false);
   assert.equal(reader.read(buf, 0), false);
   assert.deepEqual(buf, Buffer.alloc(16), 'nothing read');
+});
+
+test('a file in memory (tmpfs) that refuses no-wait reads is read here and now, the end of file left to ordinary reads', (t) => {
+  // /dev/shm is tmpfs on Linux; tmpfs answers RWF_NOWAIT with EOPNOTSUPP (Linux 6.1 to 6.18 at least).
+  const path = join('/dev/shm', `imgbd-nowait-${process.pid}-${Date.now()}`);
+  const data = randomBytes(8192);
+  writeFileSync(path, data);
+  t.after(() => rmSync(path, { force: true }));
+  assert.equal(statfsSync(path).type, 0x01021994, '/dev/shm is tmpfs');
+  const fd = openSync(path, 'r');
+  t.after(() => closeSync(fd));
+  const reader = new NowaitReader(fd);
+  const buf = Buffer.alloc(4096);
+  assert.equal(reader.read(buf, 4096), true);
+  assert.deepEqual(buf, data.subarray(4096));
+  assert.equal(reader.read(buf, 100), true);
+  assert.deepEqual(buf, data.subarray(100, 4196));
+  assert.equal(reader.read(buf, 8192 - 100), false, 'short at end of file');
 });

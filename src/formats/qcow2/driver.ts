@@ -161,7 +161,7 @@ export class Qcow2Device implements BlockDevice {
     const h = init.header;
     this.file = init.file;
     this.data = init.dataFile ?? init.file;
-    this.compressedWrites = this.data.readOnly ? null : new WriteCombiner(this.data.fd, this.data.isBlockDevice ? 16 : 1);
+    this.compressedWrites = this.data.readOnly || this.data.inMemory ? null : new WriteCombiner(this.data.fd, this.data.isBlockDevice ? 16 : 1);
     this.imageSync = new SyncBatcher(() => this.file.datasync());
     this.dataSync = this.data === this.file ? this.imageSync : new SyncBatcher(() => this.data.datasync());
     this.header = h;

@@ -67,7 +67,8 @@ export class RawDevice implements BlockDevice {
     this.zeroing = new FileZeroing(file);
     this.nowait = new NowaitReader(file.fd);
     // A block device does not serialise writes on an inode lock: let several run at once.
-    this.writes = file.readOnly ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1);
+    // A file in memory is written at once (HostFile.inMemory): nothing to combine.
+    this.writes = file.readOnly || file.inMemory ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1);
     this.sizeBytes = sizeBytes;
     this.sectorBytes = sectorBytes;
     const writable = !file.readOnly;
