@@ -280,6 +280,17 @@ for (const cluster of [512, 65536]) {
   });
 }
 
+/** `src` as a raw file compared with `img` by qemu-img; what qemu-img check reports of `img`, clean. */
+async function compareAndCheck(dir: string, img: string, src: Buffer): Promise<Record<string, unknown>> {
+  const raw = join(dir, 'src.raw');
+  writeFileSync(raw, src);
+  const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, img]);
+  assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+  const chk = await qemuCheck(img);
+  assert.equal(chk.code, 0, JSON.stringify(chk.json));
+  return chk.json;
+}
+
 for (const ctype of ['zlib', 'zstd'] as const) {
   test(`qcow2 write: runs of clusters, compressed and plain mixed, each run one request (${ctype}), read back in qemu-img`, async (t) => {
     if (!requirePeers(t, 'qemu-img', 'qemu-io')) return;
@@ -318,19 +329,14 @@ for (const ctype of ['zlib', 'zstd'] as const) {
     }
     await Promise.all(runs);
     await dev.close();
-    const raw = join(dir, 'src.raw');
-    writeFileSync(raw, src);
-    const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, img]);
-    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
-    const chk = await qemuCheck(img);
-    assert.equal(chk.code, 0, JSON.stringify(chk.json));
+    const chk = await compareAndCheck(dir, img, src);
     // The whole random clusters did not shrink and went out plainly; every other one is compressed
     // (the last, 4 KiB of random data padded with zeros, too).
     let wholeRandom = 0;
     for (let c = 1; c < clusters - 1; c += 3) wholeRandom++;
     assert.equal(compressed, clusters - wholeRandom);
-    assert.equal(Number(chk.json['compressed-clusters']), compressed, JSON.stringify(chk.json));
-    assert.equal(Number(chk.json['allocated-clusters']), clusters, JSON.stringify(chk.json));
+    assert.equal(Number(chk['compressed-clusters']), compressed, JSON.stringify(chk));
+    assert.equal(Number(chk['allocated-clusters']), clusters, JSON.stringify(chk));
     await assertClean(img);
   });
 }
@@ -355,13 +361,8 @@ for (const ctype of ['zlib', 'zstd'] as const) {
     const dev = await openQcow2Chain(img);
     for (let c = 0; c < size / cs; c++) await dev.writeCompressed(src.subarray(c * cs, (c + 1) * cs), c * cs);
     await dev.close();
-    const raw = join(dir, 'src.raw');
-    writeFileSync(raw, src);
-    let cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, img]);
-    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
-    const chk = await qemuCheck(img);
-    assert.equal(chk.code, 0, JSON.stringify(chk.json));
-    assert.ok(Number(chk.json['compressed-clusters']) > 200, JSON.stringify(chk.json));
+    const chk = await compareAndCheck(dir, img, src);
+    assert.ok(Number(chk['compressed-clusters']) > 200, JSON.stringify(chk));
     // Rewriting compressed clusters in place: partial writes, zeroes, trims.
     const dev2 = await openQcow2Chain(img);
     await dev2.pwrite(Buffer.alloc(1000, 0x99), 3 * cs + 100);
@@ -371,9 +372,7 @@ for (const ctype of ['zlib', 'zstd'] as const) {
     src.fill(0x99, 3 * cs + 100, 3 * cs + 1100);
     src.fill(0, 10 * cs, 12 * cs);
     src.fill(0, 20 * cs, 23 * cs);
-    writeFileSync(raw, src);
-    cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, img]);
-    assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+    await compareAndCheck(dir, img, src);
     await assertClean(img);
   });
 }
