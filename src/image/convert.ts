@@ -13,6 +13,7 @@ import { Backend } from '../block/backend.js';
 import type { BlockDevice } from '../block/device.js';
 import { UnsupportedImageError, UsageError } from '../errors.js';
 import { Qcow2Device } from '../formats/qcow2/index.js';
+import { EarlyWriteback } from '../io/early-writeback.js';
 import { CompressPool } from './compress-pool.js';
 import { createImage, type ImageCreateOptions } from './create-target.js';
 import { isNbdUri, openTarget } from './open.js';
@@ -52,6 +53,8 @@ export interface ConvertResult extends TransferStats {
 }
 
 const DEFAULT_REQUEST_BYTES = 2 * 1024 * 1024;
+/** Progress between two nudges to write the target back early (see EarlyWriteback). */
+const WRITEBACK_STEP_BYTES = 32 * 1024 * 1024;
 
 /** Grain for zero detection and request alignment: the target's allocation unit, within [4K, 2M]. */
 function grainFor(dev: BlockDevice): number {
@@ -71,6 +74,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
   const src = await openTarget(o.source, { format: o.sourceFormat, readOnly: true, allowBacking: o.allowBacking });
   let dst: BlockDevice | undefined;
   let pool: CompressPool | undefined;
+  let writeback: EarlyWriteback | null = null;
   try {
     const sizeBytes = src.device.sizeBytes;
     const fresh = !targetIsNbd && o.skipCreate !== true;
@@ -104,6 +108,9 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       target = { ...target, writeCompressedRun: (buf, offset, packed) => q.writeCompressedRun(buf, offset, packed) };
     }
     const requestBytes = Math.max(grainBytes, o.requestBytes ?? DEFAULT_REQUEST_BYTES);
+    // The flush at the end waits for the disk: have it write while the copy goes on.
+    if (o.noFlush !== true && !targetIsNbd) writeback = await EarlyWriteback.open(o.target);
+    let nudged = 0;
     const stats = await transfer({
       sources: [src.device],
       targets: [target],
@@ -113,7 +120,13 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       targetZeroed: fresh && backing === undefined,
       onlyDifferences: backing !== undefined,
       compress,
-      onProgress: (done) => o.onProgress?.(done, sizeBytes),
+      onProgress: (done) => {
+        if (done - nudged >= WRITEBACK_STEP_BYTES) {
+          nudged = done;
+          writeback?.kick();
+        }
+        o.onProgress?.(done, sizeBytes);
+      },
     });
     if (o.noFlush !== true) await backend.flush();
     const d = dst;
@@ -122,6 +135,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
     if (lazyWhileWriting) await setQcow2LazyRefcounts(o.target, false, { cacheUnsafe: o.noFlush === true });
     return { ...stats, sizeBytes, targetFormat };
   } finally {
+    await writeback?.close();
     await pool?.close();
     await dst?.close();
     await src.device.close();

@@ -32,6 +32,7 @@ interface Bindings {
   lseek: SyncFn;
   fallocate: AsyncFn;
   fadvise: AsyncFn;
+  syncFileRange: AsyncFn;
   ioctlPtr: SyncFn & AsyncFn;
 }
 
@@ -49,6 +50,7 @@ class Libc {
       lseek: lib.func('int64_t lseek(int fd, int64_t offset, int whence)') as unknown as SyncFn,
       fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as AsyncFn,
       fadvise: lib.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)') as unknown as AsyncFn,
+      syncFileRange: lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)') as unknown as AsyncFn,
       ioctlPtr: lib.func('int ioctl(int fd, unsigned long request, void *arg)') as unknown as SyncFn & AsyncFn,
     };
   }
@@ -133,6 +135,15 @@ export async function fallocate(fd: number, mode: number, offset: number, length
 export async function adviseWillNeed(fd: number, offset: number, length: number): Promise<void> {
   const l = libc();
   await l.callAsync(l.bindings.fadvise, 'posix_fadvise', [fd, offset, length, POSIX_FADV_WILLNEED], true);
+}
+
+/** linux/fs.h: SYNC_FILE_RANGE_WRITE, start writeback of dirty pages without waiting for it. */
+const SYNC_FILE_RANGE_WRITE = 2;
+
+/** sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) on the thread pool: start writing the whole file back. */
+export async function startWriteback(fd: number): Promise<void> {
+  const l = libc();
+  await l.callAsync(l.bindings.syncFileRange, 'sync_file_range', [fd, 0, 0, SYNC_FILE_RANGE_WRITE]);
 }
 
 /** BLKGETSIZE64: size of a block device in bytes. */
