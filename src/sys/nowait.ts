@@ -73,6 +73,15 @@ function inMemory(fd: number): boolean {
   }
 }
 
+/** An ordinary read of a file in memory; a short one or an error is left to the ordinary path. */
+function readHere(fd: number, buf: Buffer, offset: number): boolean {
+  try {
+    return readSync(fd, buf, 0, buf.length, offset) === buf.length;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * No-wait reads of one file. A file system that refuses them (tmpfs, even on Linux 6.18) costs
  * one refused call: after that, a file in memory (tmpfs, ramfs) is read here with an ordinary
@@ -85,7 +94,7 @@ export class NowaitReader {
   constructor(private readonly fd: number) {}
 
   read(buf: Buffer, offset: number): boolean {
-    if (this.mode === 'memory') return readSync(this.fd, buf, 0, buf.length, offset) === buf.length;
+    if (this.mode === 'memory') return readHere(this.fd, buf, offset);
     if (this.mode === 'off') return false;
     const r = tryPreadNowait(this.fd, buf, offset);
     if (r !== 'unsupported') return r === 'done';
