@@ -15,7 +15,7 @@ const RESERVING_FILESYSTEMS = new Set([EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC]);
  * the extra call costs: 256 KiB allocating writes to a fresh qcow2 (an NBD client writing
  * sequentially) took 8 % longer with it.
  */
-export const RESERVE_MIN_BYTES = 1024 * 1024;
+const RESERVE_MIN_BYTES = 1024 * 1024;
 
 export interface HostFileOptions {
   readonly readOnly?: boolean;

@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { Backend } from '../../src/block/backend.js';
 import { offsetFilter } from '../../src/block/filters/offset.js';
 import { openRaw } from '../../src/formats/raw/driver.js';
+import { TMPFS_MAGIC } from '../../src/sys/fs-magic.js';
 import { NowaitReader, tryPreadNowait } from '../../src/sys/nowait.js';
 import { tempDir } from '../helpers/peers.js';
 
@@ -68,7 +69,7 @@ test('a file in memory (tmpfs) that refuses no-wait reads is read here and now, 
   const data = randomBytes(8192);
   writeFileSync(path, data);
   t.after(() => rmSync(path, { force: true }));
-  assert.equal(statfsSync(path).type, 0x01021994, '/dev/shm is tmpfs');
+  assert.equal(statfsSync(path).type, TMPFS_MAGIC, '/dev/shm is tmpfs');
   const fd = openSync(path, 'r');
   t.after(() => closeSync(fd));
   const reader = new NowaitReader(fd);
