@@ -346,7 +346,7 @@ Examples:
     .option('-o, --options <opts>', 'target format options, key=value[,key=value...] (repeatable)', collect)
     .option('-B, --backing <file>', 'backing file of the target; only what differs from it is written')
     .option('-F, --backing-format <fmt>', 'format of the backing file (required with -B)')
-    .option('-m, --coroutines <n>', 'requests in flight', '8')
+    .option('-m, --coroutines <n>', 'requests in flight (default 8; 4 into a local image without -c)')
     .option('-W, --out-of-order', 'allow out-of-order writes (always done: accepted for qemu-img compatibility)')
     .option('-n, --skip-create', 'write into the existing target instead of creating it')
     .option('--threads <n>', 'compression threads (default: one per core)')

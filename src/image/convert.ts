@@ -30,7 +30,7 @@ export interface ConvertOptions {
   readonly create?: ImageCreateOptions;
   /** Compress data clusters (qcow2 targets only). */
   readonly compress?: boolean;
-  /** Requests in flight (qemu-img -m); default 8. */
+  /** Requests in flight (qemu-img -m); default 8, or 4 into a local image without compression. */
   readonly workers?: number;
   readonly requestBytes?: number;
   /** Compression threads; default one per core. */
@@ -53,6 +53,14 @@ export interface ConvertResult extends TransferStats {
 }
 
 const DEFAULT_REQUEST_BYTES = 2 * 1024 * 1024;
+/**
+ * Requests in flight by default. A local target takes one write at a time (write-combiner.ts),
+ * so more requests only keep more buffers out of the CPU cache while they wait: a cached 1 GiB
+ * qcow2 -> raw took 0.18 s with 4 and 0.21 s with 8 (median of 8), and from an uncached source
+ * 4 was as fast as 8. Compression threads and NBD round trips want more.
+ */
+const WORKERS_LOCAL = 4;
+const WORKERS = 8;
 /** Progress between two nudges to write the target back early (see EarlyWriteback). */
 const WRITEBACK_STEP_BYTES = 32 * 1024 * 1024;
 
@@ -115,7 +123,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       sources: [src.device],
       targets: [target],
       requestBytes,
-      workers: o.workers ?? 8,
+      workers: o.workers ?? (targetIsNbd || o.compress === true ? WORKERS : WORKERS_LOCAL),
       grainBytes,
       targetZeroed: fresh && backing === undefined,
       onlyDifferences: backing !== undefined,

@@ -66,7 +66,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const backingFile = c.backing ?? create.backingFile;
   const backingFormat = c.backingFormat ?? create.backingFormat;
   if (backingFile !== undefined && backingFormat === undefined) throw new UsageError('-B needs the backing format too (-F FORMAT), so it is recorded rather than guessed');
-  const workers = c.coroutines !== undefined ? parseCount(c.coroutines, '-m', 1, 64) : 8;
+  const workers = c.coroutines !== undefined ? parseCount(c.coroutines, '-m', 1, 64) : undefined;
   const threads = c.threads !== undefined ? parseCount(c.threads, '--threads', 1, 256) : undefined;
   if (c.cache !== undefined && c.cache !== 'writeback' && c.cache !== 'unsafe') throw new UsageError(`-t ${c.cache}: use writeback (flush at the end, the default) or unsafe (no flush)`);
   const showProgress = c.quiet !== true && (c.progress === true || process.stderr.isTTY === true);
