@@ -1,0 +1,75 @@
+// The imgbd command runs its bundle with V8's code cache (src/cli/bundle.ts): one private file
+// per command, reused while V8 accepts it, written again when V8 refuses it, never taken from
+// a directory someone else may write.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { chmodSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { repoRoot, run, tempDir } from '../helpers/peers.js';
+
+const IMGBD = join(repoRoot(), 'bin/imgbd');
+
+async function imgbd(cacheHome: string, ...args: string[]): Promise<string> {
+  const env: NodeJS.ProcessEnv = { ...process.env, XDG_CACHE_HOME: cacheHome };
+  delete env.IMGBD_CODE_CACHE;
+  const r = await run(IMGBD, args, { env });
+  assert.equal(r.code, 0, r.stderr);
+  return r.stdout;
+}
+
+const cacheFiles = (dir: string): string[] => (existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.v8')) : []);
+
+test('the bundle is built, newer than the modules, and is what bin/imgbd runs', () => {
+  const bundle = join(repoRoot(), 'dist/imgbd.cjs');
+  assert.ok(statSync(bundle).mtimeMs >= statSync(join(repoRoot(), 'dist/src/cli/program.js')).mtimeMs);
+  assert.match(readFileSync(bundle, 'utf8'), /runCli/);
+});
+
+test('a command writes its code cache once, private, and reuses it', async (t) => {
+  const home = tempDir(t);
+  const dir = join(home, 'imgbd', 'code');
+  const version = (await imgbd(home, '--version')).trim();
+  assert.match(version, /^\d+\.\d+\.\d+/);
+  const [file, ...more] = cacheFiles(dir);
+  assert.ok(file !== undefined && more.length === 0, `one cache file, got ${cacheFiles(dir).join(', ')}`);
+  assert.match(file, /^other@[0-9a-f]{8}-v\d+/);
+  assert.equal(statSync(dir).mode & 0o777, 0o700);
+  assert.equal(statSync(join(dir, file)).mode & 0o777, 0o600);
+  const written = statSync(join(dir, file)).mtimeMs;
+  assert.equal((await imgbd(home, '--version')).trim(), version);
+  assert.equal(statSync(join(dir, file)).mtimeMs, written, 'an accepted cache is not written again');
+
+  const help = await imgbd(home, 'info', '--help');
+  assert.match(help, /Usage: imgbd info/);
+  assert.deepEqual(cacheFiles(dir).map((f) => f.split('@')[0]).sort(), ['info', 'other']);
+});
+
+test('a cache V8 refuses is replaced, and the command still runs', async (t) => {
+  const home = tempDir(t);
+  const dir = join(home, 'imgbd', 'code');
+  const version = await imgbd(home, '--version');
+  const file = join(dir, cacheFiles(dir)[0]!);
+  const junk = Buffer.alloc(statSync(file).size, 0x5a);
+  writeFileSync(file, junk);
+  assert.equal(await imgbd(home, '--version'), version);
+  assert.notDeepEqual(readFileSync(file), junk);
+  assert.deepEqual(cacheFiles(dir), [file.slice(dir.length + 1)]);
+});
+
+test('a cache directory others may write is not used', async (t) => {
+  const home = tempDir(t);
+  const dir = join(home, 'imgbd', 'code');
+  await imgbd(home, '--version');
+  const file = join(dir, cacheFiles(dir)[0]!);
+  const junk = Buffer.alloc(16, 0x5a);
+  writeFileSync(file, junk);
+  chmodSync(dir, 0o777);
+  await imgbd(home, '--version');
+  assert.deepEqual(readFileSync(file), junk, 'neither read nor rewritten');
+  chmodSync(dir, 0o700);
+  chmodSync(file, 0o666);
+  await imgbd(home, '--version');
+  // Read it would not be (others could write it); a fresh one replaces it.
+  assert.equal(statSync(file).mode & 0o777, 0o600);
+});
