@@ -5,7 +5,7 @@
 import { close, fdatasync, fstat, open, read, readSync, write, writeSync, ftruncate, statfs, constants as fsConstants } from 'node:fs';
 import { RequestError } from '../errors.js';
 import { EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, isMemoryFilesystem } from '../sys/fs-magic.js';
-import { FALLOC_FL_KEEP_SIZE, fallocate } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, fallocate, fallocateSync } from '../sys/libc.js';
 
 /** File systems whose delayed allocation fills reserved blocks faster. */
 const RESERVING_FILESYSTEMS = new Set([EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC]);
@@ -164,6 +164,21 @@ export class HostFile {
   reserve(offset: number, length: number): void {
     if (!this.reserving || length < RESERVE_MIN_BYTES) return;
     fallocate(this.fd, FALLOC_FL_KEEP_SIZE, offset, length).catch(() => (this.reserving = false));
+  }
+
+  /**
+   * reserve(), here and now: for a caller that knows no other write to this file is running.
+   * Queued beside a write it would wait for the inode lock that write holds, spinning on it
+   * (a third of the thread pool's time in a 1 GiB convert on 2 cores); alone it takes some
+   * 25 microseconds for 2 MiB.
+   */
+  reserveNow(offset: number, length: number): void {
+    if (!this.reserving || length < RESERVE_MIN_BYTES) return;
+    try {
+      fallocateSync(this.fd, FALLOC_FL_KEEP_SIZE, offset, length);
+    } catch {
+      this.reserving = false;
+    }
   }
 
   private pwriteHere(buf: Buffer, offset: number): void {

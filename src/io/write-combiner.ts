@@ -39,10 +39,15 @@ export class WriteCombiner {
   private largeInFlight = 0;
   private scheduled = false;
 
-  /** `maxLargeInFlight`: large pwritevs at once (1 for a regular file, more for a block device). */
+  /**
+   * `maxLargeInFlight`: large pwritevs at once (1 for a regular file, more for a block device).
+   * `reserve`: called just before a large run is handed to the thread pool (HostFile.reserveNow:
+   * with one large run at a time, nothing else holds the file's inode lock then).
+   */
   constructor(
     private readonly fd: number,
     private readonly maxLargeInFlight = 1,
+    private readonly reserve?: (offset: number, length: number) => void,
   ) {}
 
   write(buf: Buffer, offset: number): Promise<void> {
@@ -94,6 +99,7 @@ export class WriteCombiner {
     this.inFlight++;
     if (large) this.largeInFlight++;
     this.inFlightEnds.add(end);
+    if (large) this.reserve?.(run.offset, run.bytes);
     this.writeRun(run.bufs, run.offset, (err) => {
       this.inFlight--;
       if (large) this.largeInFlight--;

@@ -30,7 +30,7 @@ export const POSIX_FADV_WILLNEED = 3;
 
 interface Bindings {
   lseek: SyncFn;
-  fallocate: AsyncFn;
+  fallocate: SyncFn & AsyncFn;
   fadvise: AsyncFn;
   syncFileRange: AsyncFn;
   ioctlPtr: SyncFn & AsyncFn;
@@ -48,7 +48,7 @@ class Libc {
     // and pointer arguments on the Linux ABIs we support (x86_64 SysV, AAPCS64).
     this.b = {
       lseek: lib.func('int64_t lseek(int fd, int64_t offset, int whence)') as unknown as SyncFn,
-      fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as AsyncFn,
+      fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as unknown as SyncFn & AsyncFn,
       fadvise: lib.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)') as unknown as AsyncFn,
       syncFileRange: lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)') as unknown as AsyncFn,
       ioctlPtr: lib.func('int ioctl(int fd, unsigned long request, void *arg)') as unknown as SyncFn & AsyncFn,
@@ -123,6 +123,12 @@ function seekOrNull(fd: number, offset: number, whence: number): number | null {
     if ((e as SyscallError).code === 'ENXIO') return null;
     throw e;
   }
+}
+
+/** fallocate(2) here and now, for calls known to be quick. Errors carry `code` as below. */
+export function fallocateSync(fd: number, mode: number, offset: number, length: number): void {
+  const l = libc();
+  if (l.bindings.fallocate(fd, mode, offset, length) < 0) throw new SyscallError('fallocate', koffi.errno());
 }
 
 /** fallocate(2) on the thread pool. Errors carry `code` ('EOPNOTSUPP' when the filesystem cannot). */

@@ -66,3 +66,30 @@ test('a failing pwritev rejects every write it carried', async (t) => {
   assert.deepEqual(results.map((r) => r.status), ['rejected', 'rejected']);
   assert.equal((results[0] as PromiseRejectedResult).reason.code, 'EBADF');
 });
+
+test('large runs are reserved just before their pwritev, one at a time; small ones are not', async (t) => {
+  const fd = openSync(join(tempDir(t), 'r'), 'w+');
+  t.after(() => closeSync(fd));
+  const KiB = 1024;
+  // What the file holds where the other stream's run ends, when each reservation is made.
+  const reserved: [number, number, number][] = [];
+  const byteAt = (offset: number): number => {
+    const b = Buffer.alloc(1);
+    return readSync(fd, b, 0, 1, offset) === 1 ? b[0]! : -1;
+  };
+  const c = new WriteCombiner(fd, 1, (offset, length) => reserved.push([offset, length, byteAt(offset === 0 ? 8192 * KiB + 1024 * KiB - 1 : 1024 * KiB - 1)]));
+  // Two sequential streams of 256 KiB writes (a run of 1 MiB each) and a lone 4 KiB write.
+  const writes: Promise<void>[] = [c.write(Buffer.alloc(4 * KiB, 9), 4096 * KiB)];
+  for (let i = 0; i < 4; i++) writes.push(c.write(Buffer.alloc(256 * KiB, 7), i * 256 * KiB), c.write(Buffer.alloc(256 * KiB, 8), 8192 * KiB + i * 256 * KiB));
+  await Promise.all(writes);
+  assert.deepEqual(
+    reserved.map(([o, l]) => [o, l]),
+    [
+      [0, 1024 * KiB],
+      [8192 * KiB, 1024 * KiB],
+    ],
+  );
+  // The first run was not yet written... and was in the file before the second was reserved.
+  assert.notEqual(reserved[0]![2], 8);
+  assert.equal(reserved[1]![2], 7);
+});

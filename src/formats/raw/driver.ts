@@ -68,7 +68,7 @@ export class RawDevice implements BlockDevice {
     this.nowait = new NowaitReader(file.fd);
     // A block device does not serialise writes on an inode lock: let several run at once.
     // A file in memory is written at once (HostFile.inMemory): nothing to combine.
-    this.writes = file.readOnly || file.inMemory ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1);
+    this.writes = file.readOnly || file.inMemory ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1, (o, n) => file.reserveNow(o, n));
     this.sizeBytes = sizeBytes;
     this.sectorBytes = sectorBytes;
     const writable = !file.readOnly;
@@ -118,7 +118,6 @@ export class RawDevice implements BlockDevice {
   pwrite(buf: Buffer, offset: number): Promise<void> {
     if (offset + buf.length > this.sizeBytes) return Promise.reject(beyondEnd(offset, buf.length, this.sizeBytes));
     if (this.guardHead && offset < PROBE_HEAD_BYTES && buf.length > 0) return this.guardedWrite(buf, offset);
-    this.file.reserve(offset, buf.length);
     return this.writes === null ? this.file.pwrite(buf, offset) : this.writes.write(buf, offset);
   }
 
