@@ -24,6 +24,7 @@ export class FileZeroing {
   async punch(offset: number, length: number): Promise<boolean> {
     if (this.punchUnsupported) return false;
     try {
+      this.file.madeHoles();
       await fallocate(this.file.fd, PUNCH, offset, length);
       return true;
     } catch (e) {
