@@ -1,5 +1,6 @@
-// HostFile.reserveNow allocates the blocks a write is about to fill, on ext4 and XFS, and only
-// while the file may have holes: not in a file allocated throughout, again once one is punched.
+// HostFile.reserveNow allocates the blocks a write is about to fill, on ext4 and XFS, where the
+// file may have holes: anywhere in a sparse file, past the end of one allocated throughout, and
+// in it again once a range is punched.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,7 +14,7 @@ import { tempDir } from '../helpers/peers.js';
 const MiB = 1024 * 1024;
 const allocated = (path: string): number => statSync(path).blocks * 512;
 
-test('blocks are reserved in a sparse file, and in a full one once a range of it is punched', async (t) => {
+test('blocks are reserved in a sparse file, past the end of a full one, and in it once a range is punched', async (t) => {
   const dir = tempDir(t);
   const type = Number(statfsSync(dir).type);
   if (type !== EXT4_SUPER_MAGIC && type !== XFS_SUPER_MAGIC) {
@@ -39,12 +40,15 @@ test('blocks are reserved in a sparse file, and in a full one once a range of it
   writeFileSync(full, Buffer.alloc(8 * MiB, 1));
   const f = await HostFile.open(full);
   try {
+    f.reserveNow(8 * MiB, 2 * MiB);
+    assert.ok(allocated(full) >= 10 * MiB, `reserved past the end, where the file grows: ${allocated(full)}`);
+    assert.equal(statSync(full).size, 8 * MiB);
     const zeroing = new FileZeroing(f);
     assert.equal(await zeroing.punch(0, 4 * MiB), true);
     const punched = allocated(full);
-    assert.ok(punched <= 4 * MiB + 64 * 1024, `punched: ${punched}`);
+    assert.ok(punched <= 6 * MiB + 64 * 1024, `punched: ${punched}`);
     f.reserveNow(0, 4 * MiB);
-    assert.ok(allocated(full) >= 8 * MiB, `reserved again after the punch: ${allocated(full)}`);
+    assert.ok(allocated(full) >= 10 * MiB, `reserved again after the punch: ${allocated(full)}`);
   } finally {
     await f.close();
   }
