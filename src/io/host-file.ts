@@ -5,7 +5,7 @@
 import { close, fdatasync, fstat, open, read, readSync, write, writeSync, ftruncate, statfs, constants as fsConstants } from 'node:fs';
 import { RequestError } from '../errors.js';
 import { EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, isMemoryFilesystem } from '../sys/fs-magic.js';
-import { FALLOC_FL_KEEP_SIZE, fallocate, fallocateSync } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, fallocateSync } from '../sys/libc.js';
 
 /** File systems whose delayed allocation fills reserved blocks faster. */
 const RESERVING_FILESYSTEMS = new Set([EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC]);
@@ -167,21 +167,12 @@ export class HostFile {
    * About to write all of [offset, offset + length), which may be a hole: reserve its blocks
    * (fallocate, keeping the size). ext4 and XFS fill reserved blocks about twice as fast as
    * through delayed allocation (512 MiB in 2 MiB writes into a fresh file: 0.10 s -> 0.055 s).
-   * Only a hint, so nobody waits for it: queued to the thread pool ahead of the write, it
-   * usually runs first; when not, or when it fails, the write allocates as usual.
+   * Done here and now, for a caller that knows no other write to this file is running (see
+   * WriteCombiner): queued beside a write it would wait for the inode lock that write holds,
+   * spinning on it (a third of the thread pool's time in a 1 GiB convert on 2 cores); alone it
+   * takes some 25 microseconds for 2 MiB. Only a hint: when it fails, writes allocate as usual.
    */
   reserve(offset: number, length: number): void {
-    if (!this.reserving || offset + length <= this.allocatedBelow || length < RESERVE_MIN_BYTES) return;
-    fallocate(this.fd, FALLOC_FL_KEEP_SIZE, offset, length).catch(() => (this.reserving = false));
-  }
-
-  /**
-   * reserve(), here and now: for a caller that knows no other write to this file is running.
-   * Queued beside a write it would wait for the inode lock that write holds, spinning on it
-   * (a third of the thread pool's time in a 1 GiB convert on 2 cores); alone it takes some
-   * 25 microseconds for 2 MiB.
-   */
-  reserveNow(offset: number, length: number): void {
     if (!this.reserving || offset + length <= this.allocatedBelow || length < RESERVE_MIN_BYTES) return;
     try {
       fallocateSync(this.fd, FALLOC_FL_KEEP_SIZE, offset, length);

@@ -41,7 +41,7 @@ export class WriteCombiner {
 
   /**
    * `maxLargeInFlight`: large pwritevs at once (1 for a regular file, more for a block device).
-   * `reserve`: called just before a large run is handed to the thread pool (HostFile.reserveNow:
+   * `reserve`: called just before a large run is handed to the thread pool (HostFile.reserve:
    * with one large run at a time, nothing else holds the file's inode lock then).
    */
   constructor(

@@ -1,4 +1,4 @@
-// HostFile.reserveNow allocates the blocks a write is about to fill, on ext4 and XFS, where the
+// HostFile.reserve allocates the blocks a write is about to fill, on ext4 and XFS, where the
 // file may have holes: anywhere in a sparse file, past the end of one allocated throughout, and
 // in it again once a range is punched.
 
@@ -27,10 +27,10 @@ test('blocks are reserved in a sparse file, past the end of a full one, and in i
   const s = await HostFile.open(sparse);
   try {
     await s.truncate(8 * MiB);
-    s.reserveNow(2 * MiB, 2 * MiB);
+    s.reserve(2 * MiB, 2 * MiB);
     assert.ok(allocated(sparse) >= 2 * MiB, `reserved: ${allocated(sparse)} bytes allocated`);
     assert.equal(statSync(sparse).size, 8 * MiB, 'the size is kept');
-    s.reserveNow(6 * MiB, 512 * 1024);
+    s.reserve(6 * MiB, 512 * 1024);
     assert.ok(allocated(sparse) < 3 * MiB, 'below 1 MiB nothing is reserved');
   } finally {
     await s.close();
@@ -40,14 +40,14 @@ test('blocks are reserved in a sparse file, past the end of a full one, and in i
   writeFileSync(full, Buffer.alloc(8 * MiB, 1));
   const f = await HostFile.open(full);
   try {
-    f.reserveNow(8 * MiB, 2 * MiB);
+    f.reserve(8 * MiB, 2 * MiB);
     assert.ok(allocated(full) >= 10 * MiB, `reserved past the end, where the file grows: ${allocated(full)}`);
     assert.equal(statSync(full).size, 8 * MiB);
     const zeroing = new FileZeroing(f);
     assert.equal(await zeroing.punch(0, 4 * MiB), true);
     const punched = allocated(full);
     assert.ok(punched <= 6 * MiB + 64 * 1024, `punched: ${punched}`);
-    f.reserveNow(0, 4 * MiB);
+    f.reserve(0, 4 * MiB);
     assert.ok(allocated(full) >= 10 * MiB, `reserved again after the punch: ${allocated(full)}`);
   } finally {
     await f.close();

@@ -68,7 +68,7 @@ export class RawDevice implements BlockDevice {
     this.nowait = new NowaitReader(file.fd);
     // A block device does not serialise writes on an inode lock: let several run at once.
     // A file in memory is written at once (HostFile.inMemory): nothing to combine.
-    this.writes = file.readOnly || file.inMemory ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1, (o, n) => file.reserveNow(o, n));
+    this.writes = file.readOnly || file.inMemory ? null : new WriteCombiner(file.fd, file.isBlockDevice ? 16 : 1, (o, n) => file.reserve(o, n));
     this.sizeBytes = sizeBytes;
     this.sectorBytes = sectorBytes;
     const writable = !file.readOnly;
