@@ -207,7 +207,7 @@ export class Qcow2Device implements BlockDevice {
     });
     this.compressedSpace = new CompressedAllocator(this.refcounts, cs, () => this.extendFile());
     this.refcounts.onFree = (c) => this.compressedSpace.forget(c);
-    this.statusSource = { geometry: this.geometry, backing: this.backing, entry: (c) => this.entry(c) };
+    this.statusSource = { geometry: this.geometry, backing: this.backing, entry: (c) => this.entry(c), entryNow: (c) => this.entryNow(c) };
   }
 
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
@@ -493,10 +493,25 @@ export class Qcow2Device implements BlockDevice {
   }
 
   private async entry(cluster: number): Promise<L2Entry> {
+    const known = this.entryNow(cluster);
+    if (known !== undefined) return known;
+    const table = await this.l2Table(Math.floor(cluster / this.geometry.l2Entries));
+    return table === null ? UNALLOCATED_ENTRY : this.decodeEntry(table, cluster);
+  }
+
+  /**
+   * The entry, here and now, when its L2 table is cached (or there is none): a copy walks 32
+   * clusters per 2 MiB request, and a round of promises for each one cost more than the decoding.
+   */
+  private entryNow(cluster: number): L2Entry | undefined {
+    const off = this.l1Offsets[Math.floor(cluster / this.geometry.l2Entries)] ?? 0;
+    if (off === 0) return UNALLOCATED_ENTRY;
+    const table = this.l2Cache.getNow(off);
+    return table === undefined ? undefined : this.decodeEntry(table, cluster);
+  }
+
+  private decodeEntry(table: Buffer, cluster: number): L2Entry {
     const g = this.geometry;
-    const l1Index = Math.floor(cluster / g.l2Entries);
-    const table = await this.l2Table(l1Index);
-    if (table === null) return UNALLOCATED_ENTRY;
     const e = decodeL2Entry(g, table, cluster % g.l2Entries, this.state.fileEnd);
     if (e.hasHost) {
       if (!g.externalData) this.checkDataCluster(e.hostOffset, cluster);
@@ -586,7 +601,7 @@ export class Qcow2Device implements BlockDevice {
       const guest = offset + done;
       const cluster = Math.floor(guest / g.clusterSize);
       const inCluster = guest - cluster * g.clusterSize;
-      const e = await this.entry(cluster);
+      const e = this.entryNow(cluster) ?? (await this.entry(cluster));
       const clusterEnd = Math.min(g.clusterSize, inCluster + (buf.length - done));
       if (e.compressed) {
         flushRun();
@@ -669,7 +684,7 @@ export class Qcow2Device implements BlockDevice {
       const cluster = Math.floor(guest / cs);
       const a = guest - cluster * cs;
       const b = Math.min(cs, a + buf.length - done);
-      const p = planWrite(g, cluster, a, b, await this.entry(cluster));
+      const p = planWrite(g, cluster, a, b, this.entryNow(cluster) ?? (await this.entry(cluster)));
       plans.push(p);
       done += b - a;
     }

@@ -10,6 +10,8 @@ export interface StatusSource {
   readonly geometry: Qcow2Geometry;
   readonly backing: BlockDevice | null;
   entry(cluster: number): Promise<L2Entry>;
+  /** The entry without waiting, when it is at hand. */
+  entryNow?(cluster: number): L2Entry | undefined;
 }
 
 /** Visit runs of equal (sub)cluster status; `fn` returns false to stop early. */
@@ -21,7 +23,7 @@ export async function walkStatus(src: StatusSource, offset: number, length: numb
   const end = offset + length;
   while (pos < end) {
     const cluster = Math.floor(pos / g.clusterSize);
-    const e = await src.entry(cluster);
+    const e = src.entryNow?.(cluster) ?? (await src.entry(cluster));
     const clusterEnd = Math.min(end, (cluster + 1) * g.clusterSize);
     while (pos < clusterEnd) {
       const sub = Math.floor((pos - cluster * g.clusterSize) / g.subclusterSize);

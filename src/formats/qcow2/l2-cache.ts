@@ -9,6 +9,8 @@ export type TableWriter = (hostOffset: number, table: Buffer) => Promise<void>;
 
 export class TableCache {
   private readonly tables = new Map<number, Buffer>();
+  /** The table getNow() made most recent last (-1: none, or another since). */
+  private lastHit = -1;
   private readonly loading = new Map<number, Promise<Buffer>>();
   /** Bumped on every write, so a load that raced a write is retried instead of cached. */
   private readonly generation = new Map<number, number>();
@@ -33,6 +35,7 @@ export class TableCache {
     const hit = this.tables.get(hostOffset);
     if (hit !== undefined) {
       // Re-insert to mark most recently used; Map keeps insertion order.
+      this.lastHit = -1;
       this.tables.delete(hostOffset);
       this.tables.set(hostOffset, hit);
       return Promise.resolve(hit);
@@ -43,6 +46,18 @@ export class TableCache {
       this.loading.set(hostOffset, p);
     }
     return p;
+  }
+
+  /** get() when the table is cached, here and now; undefined when it would have to be loaded. */
+  getNow(hostOffset: number): Buffer | undefined {
+    const hit = this.tables.get(hostOffset);
+    // Walks ask for one table many times in a row: it is the most recent already.
+    if (hit !== undefined && hostOffset !== this.lastHit) {
+      this.tables.delete(hostOffset);
+      this.tables.set(hostOffset, hit);
+      this.lastHit = hostOffset;
+    }
+    return hit;
   }
 
   /** The table at `hostOffset` if it is cached (recency unchanged), without loading it. */
@@ -107,6 +122,7 @@ export class TableCache {
   }
 
   private insert(hostOffset: number, table: Buffer): void {
+    this.lastHit = -1;
     this.tables.delete(hostOffset);
     this.tables.set(hostOffset, table);
     if (this.tables.size <= this.capacity) return;
