@@ -180,6 +180,30 @@ export class RefcountManager {
     }
   }
 
+  /**
+   * Set the refcounts of clusters [first, first + n) to `value` (not 0), a refcount block at a
+   * time: one change to each block (one write of it, when not in write-back mode) instead of
+   * one per cluster.
+   */
+  private async setRun(first: number, n: number, value: number): Promise<void> {
+    if (value > this.maxRefcount) throw new RequestError('EINVAL', `qcow2: refcount ${value} overflows ${1 << this.order}-bit refcounts`);
+    for (let c = first; c < first + n; ) {
+      const ti = Math.floor(c / this.blockEntries);
+      const stop = Math.min(first + n, (ti + 1) * this.blockEntries);
+      await this.ensureBlock(ti);
+      const off = this.reftable[ti]!;
+      const block = await this.cache.get(off);
+      let start = block.length;
+      let end = 0;
+      for (; c < stop; c++) {
+        const r = writeRefcountEntry(block, c % this.blockEntries, this.order, value);
+        start = Math.min(start, r.start);
+        end = Math.max(end, r.end);
+      }
+      await this.cache.write(off, block, { start, end });
+    }
+  }
+
   async add(clusterIndex: number, delta: number): Promise<number> {
     const cur = await this.get(clusterIndex);
     const next = cur + delta;
@@ -248,7 +272,7 @@ export class RefcountManager {
         }
       }
       if (changed && (await this.findFree(n)) !== start) continue;
-      for (let c = start; c < start + n; c++) await this.set(c, 1);
+      await this.setRun(start, n, 1);
       if (start === this.freeHint) this.freeHint = start + n;
       this.o.state.fileEnd = Math.max(this.o.state.fileEnd, (start + n) * this.cs);
       return start * this.cs;
