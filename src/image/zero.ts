@@ -18,13 +18,18 @@ export function isAllZero(buf: Uint8Array): boolean {
  */
 export function zeroRuns(buf: Buffer, grainBytes: number): [number, number, boolean][] {
   const runs: [number, number, boolean][] = [];
-  for (let pos = 0; pos < buf.length; pos += grainBytes) {
-    const end = Math.min(buf.length, pos + grainBytes);
+  // Whole grains that fit a zero block: a long stretch of zeros is compared a block at a time,
+  // not a grain at a time (4 KiB grains of a zero-filled 2 MiB request: 512 calls -> 32).
+  const stride = grainBytes * Math.max(1, Math.floor(ZEROS.length / grainBytes));
+  for (let pos = 0; pos < buf.length; ) {
+    let end = Math.min(buf.length, pos + grainBytes);
     // Data usually shows a nonzero byte at once: look at a few before comparing the whole grain.
     const zero = !nonzeroNear(buf, pos, end) && isAllZero(buf.subarray(pos, end));
+    if (zero) while (end + stride <= buf.length && isAllZero(buf.subarray(end, end + stride))) end += stride;
     const last = runs[runs.length - 1];
     if (last && last[2] === zero) last[1] = end;
     else runs.push([pos, end, zero]);
+    pos = end;
   }
   return runs;
 }

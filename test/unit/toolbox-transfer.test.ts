@@ -155,3 +155,29 @@ test('transfer with onlyDifferences reproduces the source over any prior target 
     { numRuns: 150 },
   );
 });
+
+test('zeroRuns over requests of many grains: long zero stretches and scattered data, any grain', () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 0, max: 300 * 1024 }),
+      fc.array(fc.integer({ min: 0, max: 300 * 1024 }), { maxLength: 6 }),
+      fc.constantFrom(512, 3000, 4096, 65536, 131072),
+      fc.integer({ min: 0, max: 3 }),
+      (length, nonzero, grain, shift) => {
+        const buf = Buffer.alloc(length + 4).subarray(shift, shift + length);
+        for (const at of nonzero) if (at < length) buf[at] = 1;
+        const runs = zeroRuns(buf, grain);
+        let pos = 0;
+        for (const [a, b, zero] of runs) {
+          assert.equal(a, pos);
+          assert.ok(b > a);
+          for (let g = a; g < b; g += grain) assert.equal(buf.subarray(g, Math.min(b, g + grain)).every((x) => x === 0), zero, `grain at ${g}`);
+          pos = b;
+        }
+        assert.equal(pos, length);
+        runs.forEach(([, , zero], i) => i === 0 || assert.notEqual(zero, runs[i - 1]![2], 'neighbours are coalesced'));
+      },
+    ),
+    { numRuns: 200 },
+  );
+});
