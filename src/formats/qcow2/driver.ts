@@ -493,8 +493,11 @@ export class Qcow2Device implements BlockDevice {
   }
 
   private async entry(cluster: number): Promise<L2Entry> {
-    const known = this.entryNow(cluster);
-    if (known !== undefined) return known;
+    return this.entryNow(cluster) ?? this.loadEntry(cluster);
+  }
+
+  /** The entry once its L2 table is loaded (entryNow first: this is the slow path). */
+  private async loadEntry(cluster: number): Promise<L2Entry> {
     const table = await this.l2Table(Math.floor(cluster / this.geometry.l2Entries));
     return table === null ? UNALLOCATED_ENTRY : this.decodeEntry(table, cluster);
   }
@@ -601,7 +604,7 @@ export class Qcow2Device implements BlockDevice {
       const guest = offset + done;
       const cluster = Math.floor(guest / g.clusterSize);
       const inCluster = guest - cluster * g.clusterSize;
-      const e = this.entryNow(cluster) ?? (await this.entry(cluster));
+      const e = this.entryNow(cluster) ?? (await this.loadEntry(cluster));
       const clusterEnd = Math.min(g.clusterSize, inCluster + (buf.length - done));
       if (e.compressed) {
         flushRun();
@@ -684,7 +687,7 @@ export class Qcow2Device implements BlockDevice {
       const cluster = Math.floor(guest / cs);
       const a = guest - cluster * cs;
       const b = Math.min(cs, a + buf.length - done);
-      const p = planWrite(g, cluster, a, b, this.entryNow(cluster) ?? (await this.entry(cluster)));
+      const p = planWrite(g, cluster, a, b, this.entryNow(cluster) ?? (await this.loadEntry(cluster)));
       plans.push(p);
       done += b - a;
     }
@@ -731,10 +734,6 @@ export class Qcow2Device implements BlockDevice {
       await this.writeEntries(updates.map((p) => ({ cluster: p.cluster, entry: { hostOffset: p.hostOffset, copied: true, alloc: p.newAlloc, zero: p.newZero } })));
       this.releaseOld(toAllocate.map((p) => p.old));
     });
-  }
-
-  private writeCompressedData(buf: Buffer, hostOffset: number): Promise<void> {
-    return this.writeData(buf, hostOffset);
   }
 
   private writeData(buf: Buffer, hostOffset: number): Promise<void> {
@@ -905,7 +904,7 @@ export class Qcow2Device implements BlockDevice {
       return out;
     });
     // Packed clusters are allocated one after another: written back to back, they merge.
-    await Promise.all(packed.map((p, i) => this.writeCompressedData(p, hosts[i]!)));
+    await Promise.all(packed.map((p, i) => this.writeData(p, hosts[i]!)));
     await this.meta(async () => {
       for (let i = 0; i < clusters.length; ) {
         const l1Index = Math.floor(clusters[i]! / g.l2Entries);
