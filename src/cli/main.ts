@@ -1,11 +1,12 @@
 #!/usr/bin/env node
-// Entry point. The build also bundles the CLI into one script (dist/imgbd.cjs) that starts in
-// half the time (bundle.ts); without it (running from source) the modules load one by one.
-import { loadBundledCli } from './bundle.js';
-import { prepareRuntime } from './runtime.js';
+// The CLI as an ES module, for running it from the TypeScript sources (under tsx) and for
+// scripts that name this file; bin/imgbd runs start.cjs, which starts sooner.
+import { fileURLToPath } from 'node:url';
+import { loadBundledCli } from './bundle.cjs';
+import { prepareRuntime } from './runtime.cjs';
 
 prepareRuntime(process.argv[2]);
 
-const cli = import.meta.url.endsWith('.ts') ? null : loadBundledCli(new URL('../../imgbd.cjs', import.meta.url), process.argv[2]);
+const cli = import.meta.url.endsWith('.ts') ? null : loadBundledCli(fileURLToPath(new URL('../../imgbd.cjs', import.meta.url)), process.argv[2]);
 const { runCli } = cli ?? (await import('./program.js'));
 await runCli(process.argv.slice(2));

@@ -9,8 +9,8 @@
 //  - the format recorded in the image wins; without one the file is probed by magic only,
 //    always opened read-only, and a recorded "raw" is never probed (so never promoted).
 
-import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
+import { canonicalPath } from '../io/realpath.js';
 import { UnsupportedImageError } from '../errors.js';
 
 /** Backing chains deeper than this are refused; QEMU has no fixed limit but loops must end. */
@@ -48,7 +48,7 @@ function inside(root: string, path: string): boolean {
 
 async function real(path: string): Promise<string> {
   try {
-    return await realpath(path);
+    return await canonicalPath(path);
   } catch {
     return resolve(path);
   }

@@ -7,8 +7,8 @@
 // The registry first: the format modules import it back, and it must see them initialised.
 import '../formats/registry.js';
 import { existsSync } from 'node:fs';
-import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
+import { canonicalPath } from '../io/realpath.js';
 import { Backend } from '../block/backend.js';
 import type { BlockDevice } from '../block/device.js';
 import { UnsupportedImageError, UsageError } from '../errors.js';
@@ -76,7 +76,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
   if (o.compress && targetFormat !== 'qcow2') throw new UsageError(`-c needs a qcow2 target, not ${targetFormat}`);
   const backing = o.create?.backingFile;
   if (backing !== undefined && o.skipCreate) throw new UsageError('-B creates the target: it cannot be combined with -n');
-  if (!targetIsNbd && !isNbdUri(o.source) && existsSync(o.target) && (await realpath(o.target)) === (await realpath(o.source))) {
+  if (!targetIsNbd && !isNbdUri(o.source) && existsSync(o.target) && (await canonicalPath(o.target)) === (await canonicalPath(o.source))) {
     throw new UsageError(`${o.target} is the source itself: converting would destroy it`);
   }
   const src = await openTarget(o.source, { format: o.sourceFormat, readOnly: true, allowBacking: o.allowBacking });

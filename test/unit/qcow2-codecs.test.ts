@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import { CorruptImageError, UnsupportedImageError } from '../../src/errors.js';
 import { decodeQcow2Header, encodeQcow2Header, QCOW2_INCOMPAT } from '../../src/formats/qcow2/header.js';
 import { decodeL1Entry, decodeL2Entry, encodeL2Entry, makeGeometry, subclusterMask } from '../../src/formats/qcow2/map.js';
-import { readRefcountEntry, writeRefcountEntry } from '../../src/formats/qcow2/refcount.js';
+import { decodeReftable, readRefcountEntry, writeRefcountEntry } from '../../src/formats/qcow2/refcount.js';
 import { compressCluster, decompressCluster, measureZstdFrame } from '../../src/formats/qcow2/compress.js';
 import { TableCache } from '../../src/formats/qcow2/l2-cache.js';
 import { RangeLock } from '../../src/formats/qcow2/locks.js';
@@ -156,6 +156,26 @@ test('qcow2 refcount: entries of every width, sub-byte widths LSB first', () => 
     assert.equal(readRefcountEntry(b, index, order), value);
     assert.equal(readRefcountEntry(b, index === 0 ? 1 : 0, order), 0);
   }
+});
+
+test('qcow2 refcount table: entries anywhere among unused ones decode, bad ones are refused by index', () => {
+  const cluster = 512;
+  const table = Buffer.alloc(300 * 8);
+  const used = new Map([[0, 2], [63, 3], [64, 4], [127, 5], [200, 6], [299, 7]]);
+  for (const [i, c] of used) table.writeBigUInt64BE(BigInt(c * cluster), i * 8);
+  const fixed = [{ what: 'header', start: 0, end: cluster }, { what: 'L1 table', start: 10 * cluster, end: 11 * cluster }];
+  const out = decodeReftable(table, cluster, 64 * cluster, fixed);
+  assert.equal(out.length, 300);
+  out.forEach((v, i) => assert.equal(v, (used.get(i) ?? 0) * cluster, `entry ${i}`));
+  const bad = (i: number, value: bigint, message: RegExp): void => {
+    const t = Buffer.from(table);
+    t.writeBigUInt64BE(value, i * 8);
+    assert.throws(() => decodeReftable(t, cluster, 64 * cluster, fixed), (e: unknown) => e instanceof CorruptImageError && message.test(e.message));
+  };
+  bad(130, 8n * 512n + 1n, /refcount block 130 .* not cluster aligned/);
+  bad(191, 1n << 60n, /refcount table entry 191 is out of range/);
+  bad(256, 64n * 512n, /refcount block 256 .* past end of file/);
+  bad(65, 10n * 512n, /refcount block 65 .* overlaps the L1 table/);
 });
 
 test('qcow2 compress: zstd frames are measured by walking their blocks', async () => {

@@ -7,6 +7,7 @@ import type { ImageCreateOptions } from '../../image/create-target.js';
 import { convertImage } from '../../image/convert.js';
 import { parseCount, parseSize } from '../parse.js';
 import { parseOptionString, qcow2CreateOptions } from './create.js';
+import { isTerminal } from '../../sys/libc.js';
 
 interface ConvertCliOptions {
   format?: string;
@@ -69,7 +70,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const workers = c.coroutines !== undefined ? parseCount(c.coroutines, '-m', 1, 64) : undefined;
   const threads = c.threads !== undefined ? parseCount(c.threads, '--threads', 1, 256) : undefined;
   if (c.cache !== undefined && c.cache !== 'writeback' && c.cache !== 'unsafe') throw new UsageError(`-t ${c.cache}: use writeback (flush at the end, the default) or unsafe (no flush)`);
-  const showProgress = c.quiet !== true && (c.progress === true || process.stderr.isTTY === true);
+  const showProgress = c.quiet !== true && (c.progress === true || isTerminal(2));
   const bar = await progressBar('converting', showProgress, true);
   let started = false;
   const started0 = Date.now();

@@ -12,6 +12,7 @@ import { openRaw } from '../../formats/raw/driver.js';
 import { deviceTarget, transfer } from '../../image/transfer.js';
 import { openSource } from '../lib/open-source.js';
 import { isNbdUri, parseCount, parseSize } from '../parse.js';
+import { isTerminal } from '../../sys/libc.js';
 
 interface CopyOptions {
   format?: string;
@@ -87,7 +88,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
     if (dst.devices[0]!.sizeBytes < sizeBytes) {
       throw new UsageError(`the destination is smaller (${dst.devices[0]!.sizeBytes} bytes) than the source (${sizeBytes} bytes)`);
     }
-    const showProgress = o.progress ?? process.stderr.isTTY === true;
+    const showProgress = o.progress ?? isTerminal(2);
     const bar = await progressBar('copying', showProgress, true);
     bar?.start(Math.ceil(sizeBytes / 2 ** 20), 0);
     await transfer({

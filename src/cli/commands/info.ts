@@ -3,7 +3,6 @@
 
 import { fstatSync, openSync, closeSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { NbdClient } from '../../client/index.js';
 import { resolveBacking, topBackingPolicy, type BackingPolicy } from '../../formats/backing-policy.js';
 import { openImageWithFormat } from '../../formats/open.js';
 import { UsageError } from '../../errors.js';
@@ -118,6 +117,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   const target = args[0]!;
   if (isNbdUri(target)) {
     if (o.backingChain) throw new UsageError('--backing-chain applies to image files, not NBD exports');
+    const { NbdClient } = await import('../../client/index.js');
     const info = await NbdClient.info(target);
     const contexts = await NbdClient.listMetaContexts(target).catch(() => []);
     process.stdout.write(o.json ? `${JSON.stringify(exportJson(info, contexts), null, 2)}\n` : exportText(info, contexts));

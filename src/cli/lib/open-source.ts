@@ -2,7 +2,6 @@
 // BlockDevice the command can read the same way in both cases.
 
 import type { BlockDevice } from '../../block/device.js';
-import { openNbdDevice } from '../../client/index.js';
 import { openImageWithFormat } from '../../formats/open.js';
 import { UsageError } from '../../errors.js';
 import { isNbdUri } from '../parse.js';
@@ -18,6 +17,8 @@ export async function openSource(target: string, opts: { format?: string; readOn
     if (opts.format !== undefined && opts.format !== 'raw') {
       throw new UsageError(`-f ${opts.format} does not apply to an NBD URI: the export is already a block device`);
     }
+    // The NBD client (and TLS with it) loads only for a URI: commands on files start sooner.
+    const { openNbdDevice } = await import('../../client/index.js');
     const device = await openNbdDevice(target, { metaContexts: ['base:allocation', 'qemu:allocation-depth'] });
     return { device, format: 'nbd', kind: 'nbd' };
   }

@@ -13,7 +13,6 @@ import { closeSync, fstatSync, mkdirSync, openSync, readFileSync, readdirSync, r
 import { createRequire } from 'node:module';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Script } from 'node:vm';
 
 export interface CliModule {
@@ -24,19 +23,19 @@ export interface CliModule {
 const COMMAND_NAME = /^[a-z][a-z0-9-]{0,31}$/;
 
 /**
- * The CLI from the bundle at `url`, or null when there is none or it is older than the
+ * The CLI from the bundle at `path`, or null when there is none or it is older than the
  * modules it was made from (compiled again without bundling): they are loaded instead.
  */
-export function loadBundledCli(url: URL, command: string | undefined): CliModule | null {
-  const path = fileURLToPath(url);
+export function loadBundledCli(path: string, command: string | undefined): CliModule | null {
   let source: string;
   let mtimeMs: number;
   let size: number;
   try {
     const st = statSync(path);
-    if (st.mtimeMs < statSync(fileURLToPath(new URL('./program.js', import.meta.url))).mtimeMs) return null;
+    if (st.mtimeMs < statSync(join(__dirname, 'program.js')).mtimeMs) return null;
     ({ mtimeMs, size } = st);
-    source = readFileSync(path, 'utf8');
+    // The bundle is ASCII (esbuild escapes the rest), and latin1 reads it without UTF-8 decoding.
+    source = readFileSync(path, 'latin1');
   } catch {
     return null;
   }
