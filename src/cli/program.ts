@@ -331,7 +331,9 @@ Examples:
         'qcow2 target (zlib, or zstd with -o compression_type=zstd) on one thread per\n' +
         'core. -B makes DST an overlay of BACKING holding only what differs from it.\n' +
         'Either side may be an NBD URI (an NBD target must exist; so must DST with -n).\n' +
-        'DST is flushed before imgbd exits unless -t unsafe.\n\n' +
+        'As with qemu-img, DST is left to the page cache (-t unsafe): the kernel writes\n' +
+        'it out in its own time. With -t writeback, imgbd flushes DST to disk before\n' +
+        'it exits, so a crash or power loss right after cannot take it.\n\n' +
         'Examples:\n' +
         '  imgbd convert -O qcow2 disk.img disk.qcow2\n' +
         '  imgbd convert -c -O qcow2 -o compression_type=zstd disk.img small.qcow2\n' +
@@ -351,7 +353,7 @@ Examples:
     .option('-n, --skip-create', 'write into the existing target instead of creating it')
     .option('--threads <n>', 'compression threads (default: one per core)')
     .option('--allow-backing <path>', "also allow the source's backing files under PATH (repeatable)", collect)
-    .option('-t, --cache <mode>', 'writeback: flush the target before exiting (default); unsafe: do not (qemu-img\'s default)')
+    .option('-t, --cache <mode>', 'unsafe: no flush (default, as qemu-img); writeback: flush the target before exiting')
     .option('-p, --progress', 'show a progress bar even when not on a terminal')
     .option('-q, --quiet', 'no progress bar')
     .option('--json', 'print what was read and written as JSON')

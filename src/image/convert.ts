@@ -40,8 +40,9 @@ export interface ConvertOptions {
   /** Passed to the source's driver: where its backing files may live. */
   readonly allowBacking?: readonly string[] | boolean;
   /**
-   * Skip the final flush (qemu-img's default cache mode for convert targets, "unsafe"): the
-   * target may not be on disk when convert returns. Default false: flushed before returning.
+   * Skip the final flush (cache mode "unsafe", qemu-img's default for convert targets and
+   * the CLI's): the target may not be on disk when convert returns. Default false here:
+   * flushed before returning.
    */
   readonly noFlush?: boolean;
   readonly onProgress?: (doneBytes: number, totalBytes: number) => void;

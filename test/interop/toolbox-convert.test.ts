@@ -187,14 +187,14 @@ test('-p draws a progress bar on stderr (convert, compare); without it, in a pip
   assert.equal(quiet.stderr, '');
 });
 
-test('convert -t unsafe (no flush at all) still leaves a complete, clean image with its features as asked', async (t) => {
+test('convert -t unsafe (no flush at all) and -t writeback leave complete, clean images with their features as asked', async (t) => {
   if (!requirePeers(t, 'qemu-img')) return;
   const dir = tempDir(t);
   const src = await sources(dir);
-  for (const to of ['qcow2', 'raw'] as const) {
-    const dst = join(dir, `unsafe.${to}`);
-    await runImgbdOk(['convert', '-t', 'unsafe', '-f', 'raw', '-O', to, src.raw!, dst]);
-    assert.equal((await qemuCompare(src.raw!, 'raw', dst, to)).code, 0, to);
+  for (const [to, cache] of [['qcow2', 'unsafe'], ['raw', 'unsafe'], ['qcow2', 'writeback'], ['raw', 'writeback']] as const) {
+    const dst = join(dir, `${cache}.${to}`);
+    await runImgbdOk(['convert', '-t', cache, '-f', 'raw', '-O', to, src.raw!, dst]);
+    assert.equal((await qemuCompare(src.raw!, 'raw', dst, to)).code, 0, `${to} -t ${cache}`);
     if (to === 'qcow2') {
       await qemuCheckClean(dst, 'qcow2');
       const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', dst])) as { 'format-specific': { data: { 'lazy-refcounts': boolean } } };

@@ -4,8 +4,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chmodSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
 import { repoRoot, run, tempDir } from '../helpers/peers.js';
 
 const IMGBD = join(repoRoot(), 'bin/imgbd');
@@ -24,6 +24,20 @@ test('the bundle is built, newer than the modules, and is what bin/imgbd runs', 
   const bundle = join(repoRoot(), 'dist/imgbd.cjs');
   assert.ok(statSync(bundle).mtimeMs >= statSync(join(repoRoot(), 'dist/src/cli/program.js')).mtimeMs);
   assert.match(readFileSync(bundle, 'utf8'), /runCli/);
+});
+
+test('bin/imgbd finds its package through a link to itself, a linked directory and a relative path', async (t) => {
+  const dir = tempDir(t);
+  mkdirSync(join(dir, 'bin'));
+  symlinkSync(IMGBD, join(dir, 'bin', 'imgbd'));
+  symlinkSync(join(repoRoot(), 'bin'), join(dir, 'linked-bin'));
+  const version = JSON.parse(readFileSync(join(repoRoot(), 'package.json'), 'utf8')).version as string;
+  const env: NodeJS.ProcessEnv = { ...process.env, IMGBD_CODE_CACHE: '0' };
+  for (const path of [join(dir, 'bin', 'imgbd'), join(dir, 'linked-bin', 'imgbd'), relative(process.cwd(), IMGBD)]) {
+    const r = await run(path, ['--version'], { env });
+    assert.equal(r.code, 0, `${path}: ${r.stderr}`);
+    assert.equal(r.stdout.trim(), version, path);
+  }
 });
 
 test('a command writes its code cache once, private, and reuses it', async (t) => {

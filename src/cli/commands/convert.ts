@@ -69,7 +69,7 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
   if (backingFile !== undefined && backingFormat === undefined) throw new UsageError('-B needs the backing format too (-F FORMAT), so it is recorded rather than guessed');
   const workers = c.coroutines !== undefined ? parseCount(c.coroutines, '-m', 1, 64) : undefined;
   const threads = c.threads !== undefined ? parseCount(c.threads, '--threads', 1, 256) : undefined;
-  if (c.cache !== undefined && c.cache !== 'writeback' && c.cache !== 'unsafe') throw new UsageError(`-t ${c.cache}: use writeback (flush at the end, the default) or unsafe (no flush)`);
+  if (c.cache !== undefined && c.cache !== 'writeback' && c.cache !== 'unsafe') throw new UsageError(`-t ${c.cache}: use unsafe (no flush, the default) or writeback (flush before exiting)`);
   const showProgress = c.quiet !== true && (c.progress === true || isTerminal(2));
   const bar = await progressBar('converting', showProgress, true);
   let started = false;
@@ -84,7 +84,8 @@ export async function run(args: string[], opts: Record<string, unknown>): Promis
     workers,
     threads,
     skipCreate: c.skipCreate === true,
-    noFlush: c.cache === 'unsafe',
+    // As qemu-img: its convert target's cache mode is "unsafe" unless -t says otherwise.
+    noFlush: c.cache !== 'writeback',
     ...(c.allowBacking ? { allowBacking: c.allowBacking } : {}),
     onProgress: (done, total) => {
       if (!bar) return;
