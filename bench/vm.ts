@@ -1,7 +1,8 @@
 // `npm run bench:vm`: /dev/nbdN served by `imgbd attach` against `qemu-nbd -c`, on the same
 // raw image, inside the kernel VM (this host's kernel has no nbd driver). Sequential read and
 // write with dd bs=1M (O_DIRECT), and 4 KiB random reads with fio (psync, O_DIRECT). Each
-// server is measured ROUNDS times, alternating, and the best run counts.
+// server is measured ROUNDS times, alternating, and the best run counts: under TCG the first
+// rounds run slower (guest code is translated as it is first met, and node meets more of it).
 //
 // The guest runs under TCG, so absolute figures say nothing about real hardware: only the
 // ratio imgbd/qemu-nbd from one run is reported as meaningful.
@@ -13,7 +14,7 @@ import { guestNodeCommand, runInVm } from '../test/vm/harness.js';
 import { ensureRandomFile } from './lib.js';
 
 const IMAGE_MIB = 128;
-const ROUNDS = 2;
+const ROUNDS = 3;
 const FIO_SECONDS = 8;
 
 type Server = 'imgbd' | 'qemu-nbd';
