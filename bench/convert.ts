@@ -94,9 +94,11 @@ export async function runConvertBench(only: readonly string[]): Promise<void> {
       const seconds = new Map<string, number>();
       const sizes = new Map<string, number>();
       const tools = TOOLS.filter((tool) => tool.name !== 'imgbd 1 thread' || row.extra.includes('-c'));
-      // Tools take turns run after run, so a slow spell of the (shared) machine hits them all.
+      // Tools take turns run after run, so a slow spell of the (shared) machine hits them all,
+      // starting one place further each run: the run after a long one is often slow here, and
+      // that should not always be the same tool's.
       for (let r = 0; r < runs; r++) {
-        for (const tool of tools) {
+        for (const tool of [...tools.slice(r % tools.length), ...tools.slice(0, r % tools.length)]) {
           const out = join(dir, `out.${row.to}`);
           try {
             rmSync(out, { force: true });

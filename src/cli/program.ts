@@ -351,7 +351,7 @@ Examples:
     .option('-m, --coroutines <n>', 'requests in flight (default 8; 4 into a local image without -c)')
     .option('-W, --out-of-order', 'allow out-of-order writes (always done: accepted for qemu-img compatibility)')
     .option('-n, --skip-create', 'write into the existing target instead of creating it')
-    .option('--threads <n>', 'compression threads (default: one per core)')
+    .option('--threads <n>', 'compression threads (default: one per core; one fewer for zstd)')
     .option('--allow-backing <path>', "also allow the source's backing files under PATH (repeatable)", collect)
     .option('-t, --cache <mode>', 'unsafe: no flush (default, as qemu-img); writeback: flush the target before exiting')
     .option('-p, --progress', 'show a progress bar even when not on a terminal')

@@ -7,6 +7,7 @@
 // The registry first: the format modules import it back, and it must see them initialised.
 import '../formats/registry.js';
 import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { canonicalPath } from '../io/realpath.js';
 import { Backend } from '../block/backend.js';
@@ -33,7 +34,7 @@ export interface ConvertOptions {
   /** Requests in flight (qemu-img -m); default 8, or 4 into a local image without compression. */
   readonly workers?: number;
   readonly requestBytes?: number;
-  /** Compression threads; default one per core. */
+  /** Compression threads; default compressThreads(type). */
   readonly threads?: number;
   /** Write into an existing target instead of creating it (qemu-img -n). */
   readonly skipCreate?: boolean;
@@ -64,6 +65,17 @@ const WORKERS_LOCAL = 4;
 const WORKERS = 8;
 /** Progress between two nudges to write the target back early (see EarlyWriteback). */
 const WRITEBACK_STEP_BYTES = 32 * 1024 * 1024;
+
+/**
+ * Compression threads when -c does not say: one per core for zlib, one fewer for zstd. zstd
+ * compresses a cluster several times faster than zlib, so the event loop (reading, finding
+ * zeros, writing) sets the pace, and a thread per core only takes turns with it: on 2 cores a
+ * 1 GiB zstd convert took 0.27 s with one thread and 0.29-0.57 s with two (zlib: 3.0 s with
+ * one, 1.8 s with two).
+ */
+export function compressThreads(type: 0 | 1, cores = availableParallelism()): number {
+  return type === 1 ? Math.max(1, cores - 1) : cores;
+}
 
 /** Grain for zero detection and request alignment: the target's allocation unit, within [4K, 2M]. */
 function grainFor(dev: BlockDevice): number {
@@ -112,7 +124,7 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
       const q = dst;
       if (!(q instanceof Qcow2Device)) throw new UsageError('-c needs a qcow2 target');
       grainBytes = q.geometry.clusterSize;
-      pool = new CompressPool(o.threads);
+      pool = new CompressPool(o.threads ?? compressThreads(q.header.compressionType));
       compress = { pool, type: q.header.compressionType };
       target = { ...target, writeCompressedRun: (buf, offset, packed) => q.writeCompressedRun(buf, offset, packed) };
     }
