@@ -8,7 +8,7 @@ import { availableParallelism } from 'node:os';
  * bin/imgbd passes --no-opt to node for these; set here only when node was started otherwise,
  * since node:v8 loads the stream modules with it (~2 ms a command).
  */
-export const COPY_COMMANDS: ReadonlySet<string> = new Set(['convert', 'copy', 'compare', 'commit', 'rebase']);
+const COPY_COMMANDS: ReadonlySet<string> = new Set(['convert', 'copy', 'compare', 'commit', 'rebase']);
 
 export function prepareRuntime(command: string | undefined): void {
   // Uncached file I/O runs on libuv's thread pool, sized before anything touches it. Cached

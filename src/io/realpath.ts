@@ -2,7 +2,6 @@
 // too, but loading that module on the way to the first read costs a command ~3 ms: node
 // compiles it, with the stream and readline modules its file handles need, on every start.
 import { realpath } from 'node:fs';
+import { promisify } from 'node:util';
 
-export function canonicalPath(path: string): Promise<string> {
-  return new Promise((resolve, reject) => realpath.native(path, (err, resolved) => (err ? reject(err) : resolve(resolved))));
-}
+export const canonicalPath: (path: string) => Promise<string> = promisify(realpath.native);

@@ -4,6 +4,9 @@
 // node:fs rather than node:fs/promises: every image open asks, and loading that module costs a
 // command ~3 ms (src/io/realpath.ts).
 import { readFile } from 'node:fs';
+import { promisify } from 'node:util';
+
+const readText = promisify(readFile);
 
 /**
  * Split a dev_t as glibc's gnu_dev_major/gnu_dev_minor do:
@@ -29,14 +32,10 @@ export async function isRotational(dev: number): Promise<boolean> {
   const base = `/sys/dev/block/${major}:${minor}`;
   for (const p of [`${base}/queue/rotational`, `${base}/../queue/rotational`]) {
     try {
-      return (await readLatin1(p)).trim() === '1';
+      return (await readText(p, 'latin1')).trim() === '1';
     } catch {
       // try the next candidate
     }
   }
   return false;
-}
-
-function readLatin1(path: string): Promise<string> {
-  return new Promise((resolve, reject) => readFile(path, 'latin1', (err, text) => (err ? reject(err) : resolve(text))));
 }
