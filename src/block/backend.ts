@@ -197,6 +197,13 @@ export class Backend implements BlockDevice {
     return this.next.hostRun(offset, length);
   }
 
+  /** Where a write may be spliced (BlockDevice.hostWriteRun); null for anything pwrite would refuse. */
+  hostWriteRun(offset: number, length: number, opts?: WriteOptions): HostRun | null {
+    if (this.next.hostWriteRun === undefined || length === 0 || length > this.sizes.maximum) return null;
+    if (this.checkMutation('write', offset, length, opts?.fua === true, 'ENOSPC') !== null) return null;
+    return this.next.hostWriteRun(offset, length);
+  }
+
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const len = buf.length;
     const fua = opts?.fua === true;

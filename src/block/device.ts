@@ -102,6 +102,12 @@ export interface BlockDevice {
    * The server may then send the bytes with sendfile(2). Null: no such run here.
    */
   hostRun?(offset: number, length: number): HostRun | null;
+  /**
+   * Where a write of [offset, offset+length) may go straight into a host file, bytes unchanged
+   * (a caller splicing a payload from a socket): null unless this layer is a plain file at that
+   * range, that writing there needs nothing else done, and a buffered write is all it takes.
+   */
+  hostWriteRun?(offset: number, length: number): HostRun | null;
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   flush?(): Promise<void>;
   trim?(offset: number, length: number, opts?: WriteOptions): Promise<void>;

@@ -55,6 +55,8 @@ export class HostFile {
   readonly fd: number;
   readonly readOnly: boolean;
   readonly isBlockDevice: boolean;
+  /** Opened with O_DIRECT: writes must be aligned, and splice(2) cannot write to it. */
+  readonly direct: boolean;
   /**
    * A regular file on tmpfs or ramfs: reads and writes are done here and now. They only copy
    * pages, so a round trip through the thread pool would cost more than the copy (and tmpfs
@@ -79,8 +81,10 @@ export class HostFile {
     private readonly ignoreFlush: boolean,
     fsType: number,
     allocatedBelow: number,
+    direct: boolean,
   ) {
     this.path = path;
+    this.direct = direct;
     this.fd = fd;
     this.readOnly = readOnly;
     this.isBlockDevice = isBlockDevice;
@@ -99,7 +103,7 @@ export class HostFile {
       const st = await new Promise<import('node:fs').Stats>((res, rej) => fstat(fd, callback(res, rej)));
       const fsType = st.isFile() ? await filesystemType(path) : 0;
       const allocatedBelow = st.isFile() && st.blocks * 512 >= st.size ? st.size : 0;
-      return new HostFile(path, fd, opts.readOnly ?? false, st.isBlockDevice(), opts.ignoreFlush === true, fsType, allocatedBelow);
+      return new HostFile(path, fd, opts.readOnly ?? false, st.isBlockDevice(), opts.ignoreFlush === true, fsType, allocatedBelow, opts.direct === true);
     } catch (e) {
       await new Promise<void>((res) => close(fd, () => res()));
       throw e;

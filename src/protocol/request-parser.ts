@@ -37,6 +37,11 @@ export type ClientMessage =
       readonly payloadOwner?: Buffer;
       /** A write longer than maxPayloadBytes: its payload is drained, never buffered. */
       readonly oversized: boolean;
+      /**
+       * A write whose payload the consumer takes from the stream itself (see `takePayload`):
+       * these are its first bytes, already read; the rest follows in the stream, unparsed.
+       */
+      readonly taken?: Buffer;
     };
 
 export type RequestMessage = Extract<ClientMessage, { kind: 'request' }>;
@@ -59,6 +64,12 @@ export interface RequestParserLimits {
    * it directly. Default: never.
    */
   readonly fillInPlaceMinBytes?: number;
+  /**
+   * Asked of each write whose payload has not all arrived: true when the consumer reads the
+   * rest of that payload from the stream itself (splicing it to a file), before it pushes
+   * anything more. The write is returned at once, with `taken` set.
+   */
+  readonly takePayload?: (offset: number, length: number, flags: number) => boolean;
 }
 
 export const DEFAULT_PARSER_LIMITS: RequestParserLimits = {
@@ -87,7 +98,7 @@ export class RequestParser {
    * reused for the next read.
    */
   viewsOut = 0;
-  /** The last message was a write filled in place: the stream is probably one of large writes. */
+  /** The last message was a large write (filled in place or taken): the stream is probably one of them. */
   private lastFilled = false;
 
   constructor(phase: ParserPhase = 'client-flags', limits: Partial<RequestParserLimits> = {}) {
@@ -234,6 +245,13 @@ export class RequestParser {
         }
         this.skipping = req.length - this.queue.skip(req.length);
         return { kind: 'request', ...req, payload: undefined, oversized: true };
+      }
+      const take = this.limits.takePayload;
+      if (take !== undefined && this.queue.length < req.length && take(req.offset, req.length, req.flags)) {
+        const taken = this.queue.length === 0 ? EMPTY : this.queue.consume(this.queue.length);
+        this.viewsOut++;
+        this.lastFilled = true;
+        return { kind: 'request', ...req, payload: undefined, oversized: false, taken };
       }
       pending = { kind: 'request', ...req, payload: undefined, oversized: false };
       this.pendingWrite = pending;

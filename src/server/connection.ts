@@ -11,7 +11,7 @@
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
-import { EXTENT_ZERO, type WriteOptions, type ZeroOptions } from '../block/device.js';
+import { EXTENT_ZERO, type HostRun, type WriteOptions, type ZeroOptions } from '../block/device.js';
 import { ProtocolError, RequestError, toNbdErrno } from '../errors.js';
 import {
   NBD_CMD,
@@ -34,6 +34,8 @@ import { Negotiator, type NegotiationAction, type TlsMode } from './negotiation.
 import { duplicateFd } from '../sys/namespace.js';
 import { rangeCached, zeroCopyAvailable } from '../sys/sendfile.js';
 import { growSendBuffer } from '../sys/socket.js';
+import { splicePipe, type SplicePipe } from '../sys/splice.js';
+import { SplicedWrite } from './spliced-write.js';
 import { ReplyWriter, type ReadSegment } from './replies.js';
 import { commandName, validateRequest, type ValidationContext } from './validate.js';
 
@@ -99,6 +101,8 @@ const EMPTY = Buffer.alloc(0);
 const READ_CHUNK_BYTES = 64 * 1024;
 /** Write payloads at least this long are read in place (see RequestParser.fillTarget). */
 const FILL_IN_PLACE_MIN_BYTES = 64 * 1024;
+/** Write payloads at least this long go from the socket to a raw file by splice(2) (see SplicedWrite). */
+const SPLICE_MIN_BYTES = 64 * 1024;
 /**
  * Send buffer asked for on zero-copy connections. sendfile only takes what fits: with room for
  * many replies, a congested socket that drains to half empty takes whole replies again, rather
@@ -126,6 +130,18 @@ export class Connection {
   private contexts: readonly MetaContext[] = [];
   /** The socket's descriptor for sendfile(2); -1 when replies must go through the stream (TLS). */
   private sockFd = -1;
+  /**
+   * The descriptor of a plain socket whose reads we direct (ownSocket), for splicing write
+   * payloads out of it; -1 otherwise.
+   */
+  private spliceFd = -1;
+  /** The write whose payload is being spliced; the stream reads nothing else meanwhile. */
+  private spliced: SplicedWrite | null = null;
+  /** The spliced payload is not all here: the stream reads one byte of it when more arrives. */
+  private spliceWaiting = false;
+  private readonly wakeByte = Buffer.alloc(1);
+  /** Set by takePayload for the write the parser returns next. */
+  private spliceNext: { readonly target: HostRun; readonly pipe: SplicePipe } | null = null;
   /** Memory for reads not into a payload, reused while nothing refers to it (see nextReadBuffer). */
   private staging: Buffer | null = null;
   private stagingViews = 0;
@@ -133,6 +149,8 @@ export class Connection {
   private fillBuffer: Buffer | null = null;
   /** Moving to a socket of our own: nothing is read until it is done. */
   private rehoming = false;
+  /** The socket reads where nextReadBuffer says, and stops at once when paused. */
+  private ownsReads = false;
   /** Zero-copy reads waiting for the stream's queue to empty. */
   private flushWaiters: (() => void)[] = [];
   private vctx: ValidationContext = { flags: 0, maxPayloadBytes: 0, metaContexts: 0 };
@@ -160,6 +178,7 @@ export class Connection {
       maxDrainBytes: this.limits.maxDrainBytes,
       allocPayload: (n) => host.pool.acquire(n),
       fillInPlaceMinBytes: FILL_IN_PLACE_MIN_BYTES,
+      takePayload: this.takePayload,
     });
     const socket = typeof socketOrFd === 'number' ? this.ownSocket(socketOrFd) : socketOrFd;
     this.socket = socket;
@@ -215,6 +234,7 @@ export class Connection {
    * else a fresh buffer (views into it may outlive the read, as payloads of small writes).
    */
   private readonly nextReadBuffer = (): Buffer => {
+    if (this.spliceWaiting) return this.wakeByte;
     const target = this.parser.fillTarget();
     this.fillBuffer = target;
     if (target !== null) return target;
@@ -228,6 +248,10 @@ export class Connection {
   };
 
   private readonly onReadInto = (n: number, buf: Uint8Array): boolean => {
+    if (this.spliced !== null) {
+      this.resumeSplice((buf as Buffer).subarray(0, n));
+      return true;
+    }
     if (buf === this.fillBuffer) this.parser.filled(n);
     else this.parser.push((buf as Buffer).subarray(0, n));
     this.pump();
@@ -240,6 +264,10 @@ export class Connection {
   };
 
   private readonly onEnd = (): void => {
+    if (this.spliced !== null) {
+      this.abortSplice('client closed in the middle of a write payload');
+      return;
+    }
     // The client will send nothing more; finish what is in flight, then close our side.
     if (this.phase === 'handshake' || this.phase === 'upgrading') {
       this.destroy('client closed during the handshake', false);
@@ -300,6 +328,7 @@ export class Connection {
     if (warn) this.host.logger.warn(`connection ${this.id} (${this.peer}): ${reason}`);
     this.closeReason ||= reason;
     this.phase = 'closing';
+    this.dropSplice();
     this.clearTimers();
     this.socket.destroy();
   }
@@ -318,7 +347,8 @@ export class Connection {
       this.phase = 'closing';
       this.closeReason ||= reason;
     }
-    this.setPaused(true);
+    // A write being spliced is in flight: the rest of its payload is still read.
+    this.setPaused(!this.spliceWaiting);
     this.maybeFinishClose();
   }
 
@@ -347,6 +377,7 @@ export class Connection {
       case 'transmission':
         return (
           this.rehoming ||
+          this.spliced !== null ||
           this.inFlight >= this.limits.maxInFlightRequests ||
           this.inFlightBytes + this.socket.writableLength > this.limits.maxInFlightBytes ||
           // Replies the client has not taken yet: starting more work would only grow the queue
@@ -384,7 +415,7 @@ export class Connection {
   private updateFlow(): void {
     if (this.phase !== 'handshake' && this.phase !== 'transmission') return;
     const blocked = this.blocked();
-    this.setPaused(blocked);
+    this.setPaused(blocked && !this.spliceWaiting);
     if (blocked && this.socket.writableLength > 0) this.armStallTimer();
   }
 
@@ -477,6 +508,7 @@ export class Connection {
   }
 
   private useSocketFd(fd: number): void {
+    this.spliceFd = fd >= 0 && this.socket instanceof Socket && this.ownsReads ? fd : -1;
     this.sockFd = fd >= 0 && zeroCopyAvailable() ? fd : -1;
     if (this.sockFd >= 0) growSendBuffer(this.sockFd, ZERO_COPY_SEND_BUFFER);
   }
@@ -485,7 +517,9 @@ export class Connection {
   private ownSocket(fd: number): Socket {
     // `onread` is a Socket constructor option since Node 12; the typings only list it for connect().
     const opts: SocketConstructorOpts & { onread: OnReadOpts } = { fd, readable: true, writable: true, onread: { buffer: this.nextReadBuffer, callback: this.onReadInto } };
-    return new Socket(opts);
+    const socket = new Socket(opts);
+    this.ownsReads = true;
+    return socket;
   }
 
   /**
@@ -535,6 +569,10 @@ export class Connection {
     }
     if (m.oversized) {
       this.replies.error(cookie, 'EINVAL', `write of ${length} bytes exceeds the maximum payload ${this.vctx.maxPayloadBytes}`, this.structured);
+      return;
+    }
+    if (m.taken !== undefined) {
+      this.startSplice(m);
       return;
     }
     const bad = validateRequest(type, flags, offset, length, this.vctx);
@@ -594,6 +632,104 @@ export class Connection {
     this.inFlightBytes -= bytes;
     if (this.phase === 'closing') this.maybeFinishClose();
     else if (this.paused || this.parser.buffered > 0) this.pump();
+  }
+
+  // ---- spliced writes ---------------------------------------------------------------------
+
+  /** RequestParser.takePayload: a valid write to a plain file, on a socket whose reads we direct. */
+  private readonly takePayload = (offset: number, length: number, flags: number): boolean => {
+    if (this.spliceFd < 0 || length < SPLICE_MIN_BYTES || this.phase !== 'transmission' || this.spliced !== null) return false;
+    if (validateRequest(NBD_CMD.WRITE, flags, offset, length, this.vctx) !== null) return false;
+    const target = this.exp!.backend.hostWriteRun(offset, length, (flags & NBD_CMD_FLAG_FUA) !== 0 ? FUA : undefined);
+    if (target === null || target.length !== length) return false;
+    const pipe = splicePipe();
+    if (pipe === null) return false;
+    this.spliceNext = { target, pipe };
+    return true;
+  };
+
+  private startSplice(m: RequestMessage): void {
+    const next = this.spliceNext!;
+    this.spliceNext = null;
+    const w = new SplicedWrite(m.cookie, m.length, (m.flags & NBD_CMD_FLAG_FUA) !== 0, next.pipe, next.target);
+    this.start(m.length);
+    // From here the stream reads nothing of the payload: the moves below are synchronous, and a
+    // payload still on its way is waited for with the wake-up byte (nextReadBuffer).
+    this.spliced = w;
+    try {
+      w.take(m.taken!);
+    } catch (e) {
+      this.abortSplice(`write payload: ${(e as Error).message}`);
+      return;
+    }
+    this.continueSplice();
+  }
+
+  /**
+   * The stream read while a payload was awaited: usually the wake-up byte, but a read buffer
+   * chosen before the splice began (it started outside a read) may hold more of the payload,
+   * and what follows it.
+   */
+  private resumeSplice(data: Buffer): void {
+    const w = this.spliced!;
+    this.spliceWaiting = false;
+    const mine = Math.min(data.length, w.remainingBytes);
+    try {
+      w.take(data.subarray(0, mine));
+    } catch (e) {
+      this.abortSplice(`write payload: ${(e as Error).message}`);
+      return;
+    }
+    this.continueSplice(data.subarray(mine));
+  }
+
+  /** `after`: bytes already read that follow the payload (the next requests). */
+  private continueSplice(after?: Buffer): void {
+    const w = this.spliced!;
+    let progress;
+    try {
+      progress = w.advance(this.spliceFd);
+    } catch (e) {
+      this.abortSplice(`write payload: ${(e as Error).message}`);
+      return;
+    }
+    if (progress === 'wait') {
+      this.spliceWaiting = true;
+      // Read on even where flow control had paused the stream: only this payload is read.
+      this.setPaused(false);
+      return;
+    }
+    if (progress === 'eof') {
+      this.abortSplice('client closed in the middle of a write payload');
+      return;
+    }
+    this.spliced = null;
+    if (after !== undefined && after.length > 0) this.parser.push(Buffer.from(after));
+    void this.completeSplice(w);
+  }
+
+  private async completeSplice(w: SplicedWrite): Promise<void> {
+    try {
+      if (w.error !== null) throw w.error;
+      if (w.fua) await this.exp!.backend.flush();
+      if (this.writable) this.replies.simpleOk(w.cookie);
+    } catch (e) {
+      this.failed(w.cookie, NBD_CMD.WRITE, e);
+    } finally {
+      this.finish(w.length);
+    }
+  }
+
+  /** The payload cannot be had: the stream is out of step, so the connection goes. */
+  private abortSplice(reason: string): void {
+    this.dropSplice();
+    this.destroy(reason, true);
+  }
+
+  private dropSplice(): void {
+    this.spliced?.abandon();
+    this.spliced = null;
+    this.spliceWaiting = false;
   }
 
   private get writable(): boolean {

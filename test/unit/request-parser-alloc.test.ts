@@ -105,3 +105,58 @@ test('filled() past the payload being filled is refused', () => {
   // After a large write the next read is sized for a header, so its payload can be read in place.
   assert.equal(p.nextReadBytes(65536), 28);
 });
+
+test('property: payloads the consumer takes come out whole, with the messages around them intact', () => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.record({ length: fc.integer({ min: 0, max: 200_000 }), seed: fc.integer({ min: 0, max: 255 }), take: fc.boolean() }), { minLength: 1, maxLength: 6 }),
+      fc.array(fc.integer({ min: 1, max: 150_000 }), { minLength: 1, maxLength: 40 }),
+      (writes, cuts) => {
+        const payloads = writes.map((w) => Buffer.alloc(w.length, w.seed));
+        const stream = Buffer.concat(writes.flatMap((w, i) => [writeHeader(w.length, i + 1, i * 4096), payloads[i]!]));
+        const asked: number[] = [];
+        const p = new RequestParser('transmission', {
+          allocPayload: (n) => Buffer.alloc(n),
+          fillInPlaceMinBytes: 65536,
+          takePayload: (offset) => {
+            asked.push(offset / 4096);
+            return writes[offset / 4096]!.take;
+          },
+        });
+        const got: Buffer[] = [];
+        let pos = 0;
+        let cut = 0;
+        const nextCut = (): number => cuts[cut++ % cuts.length]!;
+        while (pos < stream.length) {
+          const n = Math.min(nextCut(), p.nextReadBytes(65536), stream.length - pos);
+          p.push(Buffer.from(stream.subarray(pos, pos + n)));
+          pos += n;
+          for (let m = p.next(); m !== null; m = p.next()) {
+            const r = m as RequestMessage;
+            if (r.taken === undefined) {
+              got.push(Buffer.from(r.payload!));
+              continue;
+            }
+            // The consumer reads the rest of the payload from the stream itself, in pieces.
+            const rest = r.length - r.taken.length;
+            assert.ok(rest > 0, 'taken only while some of the payload is still to come');
+            const parts = [Buffer.from(r.taken)];
+            for (let left = rest; left > 0; ) {
+              const k = Math.min(nextCut(), left);
+              parts.push(Buffer.from(stream.subarray(pos, pos + k)));
+              pos += k;
+              left -= k;
+            }
+            got.push(Buffer.concat(parts));
+          }
+        }
+        assert.equal(got.length, writes.length);
+        got.forEach((g, i) => assert.ok(g.equals(payloads[i]!), `payload ${i}`));
+        // Asked only about writes whose payload had not all arrived; never about empty ones.
+        for (const i of asked) assert.ok(writes[i]!.length > 0);
+        assert.ok(p.idle);
+      },
+    ),
+    { numRuns: 300 },
+  );
+});

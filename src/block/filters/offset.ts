@@ -58,6 +58,11 @@ class OffsetDevice implements BlockDevice {
     return this.next.hostRun(offset + this.base, length);
   }
 
+  hostWriteRun(offset: number, length: number): HostRun | null {
+    if (this.next.hostWriteRun === undefined || offset < 0 || offset + length > this.sizeBytes) return null;
+    return this.next.hostWriteRun(offset + this.base, length);
+  }
+
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const e = this.outside(offset, buf.length, true);
     return e ? Promise.reject(e) : this.next.pwrite!(buf, offset + this.base, opts);

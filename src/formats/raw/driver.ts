@@ -115,6 +115,15 @@ export class RawDevice implements BlockDevice {
     return { fd: this.fd, offset, length };
   }
 
+  hostWriteRun(offset: number, length: number): HostRun | null {
+    const f = this.file;
+    // A block device keeps its several writes at once (WriteCombiner); the probe head is checked
+    // before it is written (guardedWrite).
+    if (f.readOnly || f.direct || f.isBlockDevice || offset < 0 || offset + length > this.sizeBytes) return null;
+    if (this.guardHead && offset < PROBE_HEAD_BYTES) return null;
+    return { fd: this.fd, offset, length };
+  }
+
   pwrite(buf: Buffer, offset: number): Promise<void> {
     if (offset + buf.length > this.sizeBytes) return Promise.reject(beyondEnd(offset, buf.length, this.sizeBytes));
     if (this.guardHead && offset < PROBE_HEAD_BYTES && buf.length > 0) return this.guardedWrite(buf, offset);
