@@ -149,7 +149,7 @@ export class Connection {
   private fillBuffer: Buffer | null = null;
   /** Moving to a socket of our own: nothing is read until it is done. */
   private rehoming = false;
-  /** The socket reads where nextReadBuffer says, and stops at once when paused. */
+  /** The socket reads where nextReadBuffer says (ownSocket): a spliced payload is never read into memory by mistake. */
   private ownsReads = false;
   /** Zero-copy reads waiting for the stream's queue to empty. */
   private flushWaiters: (() => void)[] = [];
