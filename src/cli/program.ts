@@ -59,6 +59,8 @@ export function buildProgram(): Command {
     .option('--tls-verify-peer', 'require a client certificate signed by the CA')
     .option('--tls-psk <file>', 'PSK file with username:hexkey lines')
     .option('--handshake-timeout <seconds>', 'drop clients that do not finish the handshake in time', '10')
+    .option('--poll-max-us <us>', 'when idle, watch the sockets this long before sleeping: lower latency for ' +
+      'one-at-a-time clients, at the cost of CPU (0 = never; default 50, 0 on a single CPU)')
     .option('--fork', 'go to the background once the server is ready')
     .option('--pid-file <path>', 'write the server pid here')
     .option('-v, --verbose', 'log connections')
@@ -120,6 +122,8 @@ Examples:
     .option('--connections <n>', 'NBD connections to the kernel (the image must allow multi-conn)', '1')
     .option('--timeout <seconds>', 'fail I/O when the server does not answer within this time', '30')
     .option('--watch-pid <pid>', 'detach when this process exits')
+    .option('--poll-max-us <us>', 'when idle, the supervisor watches the kernel\'s sockets this long before ' +
+      'sleeping: lower latency for one-at-a-time I/O, at the cost of CPU (default 0 = never)')
     .option('--allow-backing <path>', 'also allow backing files under PATH (repeatable; default: only the image\'s own directory tree)', collect)
     .option('--json', 'print JSON')
     .addOption(new Option('--interface <kind>', 'kernel interface: auto, netlink or ioctl').hideHelp())

@@ -26,6 +26,8 @@ export interface SupervisorConfig {
   readonly timeoutSeconds: number;
   /** Tear down when this process exits. */
   readonly watchPid?: number;
+  /** NbdServerOptions.pollMaxUs. */
+  readonly pollMaxUs?: number;
   readonly runDir: string;
   /** Where the supervisor's stderr goes until it knows its device (then renamed nbdN.log). */
   readonly logFile: string;

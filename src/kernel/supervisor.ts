@@ -133,7 +133,7 @@ export class Supervisor {
     }
     const minimum = backend.blockSizes().minimum;
     const blockSizeBytes = Math.min(4096, Math.max(512, minimum));
-    this.server = new NbdServer({ exports: [exportCfg], logger: this.log });
+    this.server = new NbdServer({ exports: [exportCfg], logger: this.log, ...(cfg.pollMaxUs !== undefined && { pollMaxUs: cfg.pollMaxUs }) });
 
     const kernelFds: number[] = [];
     try {

@@ -83,6 +83,8 @@ export interface ConnectionHost {
   /** Wrap the raw socket in TLS after NBD_REP_ACK to NBD_OPT_STARTTLS. */
   upgradeTls(raw: Duplex): TLSSocket;
   onClosed(conn: Connection): void;
+  /** This connection read or finished a request (see IdlePoller). */
+  onActivity(): void;
 }
 
 type Phase = 'handshake' | 'upgrading' | 'transmission' | 'closing' | 'closed';
@@ -201,6 +203,16 @@ export class Connection {
     return this.phase === 'transmission';
   }
 
+  /** IdlePoller: nothing in progress, nothing waiting to be sent or parsed. */
+  get idle(): boolean {
+    return this.phase === 'transmission' && this.inFlight === 0 && this.spliced === null && this.parser.buffered === 0 && this.socket.writableLength === 0;
+  }
+
+  /** IdlePoller: the socket to watch for the next request, when we read it ourselves. */
+  get pollFd(): number {
+    return this.spliceFd;
+  }
+
   // ---- socket plumbing --------------------------------------------------------------------
 
   private attach(socket: Duplex): void {
@@ -255,6 +267,7 @@ export class Connection {
     if (buf === this.fillBuffer) this.parser.filled(n);
     else this.parser.push((buf as Buffer).subarray(0, n));
     this.pump();
+    this.host.onActivity();
     // Flow control pauses and resumes the socket itself.
     return true;
   };
@@ -632,6 +645,7 @@ export class Connection {
     this.inFlightBytes -= bytes;
     if (this.phase === 'closing') this.maybeFinishClose();
     else if (this.paused || this.parser.buffered > 0) this.pump();
+    this.host.onActivity();
   }
 
   // ---- spliced writes ---------------------------------------------------------------------

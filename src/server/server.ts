@@ -17,6 +17,7 @@ import { UsageError } from '../errors.js';
 import { BufferPool } from './buffer-pool.js';
 import { Connection, DEFAULT_CONNECTION_LIMITS, type ConnectionHost, type ConnectionLimits } from './connection.js';
 import { connectionFlags, ExportTable, type ExportConfig } from './exports.js';
+import { IdlePoller } from './idle-poller.js';
 import { SILENT_LOGGER, type Logger } from './logger.js';
 import type { TlsMode } from './negotiation.js';
 import { upgradeToTls, type TlsCredentials } from './tls.js';
@@ -35,6 +36,11 @@ export interface NbdServerOptions {
   readonly persistent?: boolean;
   readonly tls?: { readonly mode: TlsMode; readonly credentials?: TlsCredentials };
   readonly limits?: Partial<ConnectionLimits>;
+  /**
+   * Once nothing is in progress, watch the clients' sockets this many microseconds before
+   * sleeping (see IdlePoller). Default 0: never (see defaultPollMaxUs).
+   */
+  readonly pollMaxUs?: number;
 }
 
 export interface ServeTransmissionOptions {
@@ -56,6 +62,7 @@ export class NbdServer extends EventEmitter {
   private everConnected = false;
   private closing: Promise<void> | undefined;
   private readonly host: ConnectionHost;
+  private readonly poller: IdlePoller;
 
   constructor(opts: NbdServerOptions) {
     super();
@@ -69,6 +76,7 @@ export class NbdServer extends EventEmitter {
     this.tlsCredentials = opts.tls?.credentials;
     if (this.tlsMode !== 'off' && this.tlsCredentials === undefined) throw new UsageError(`TLS mode ${this.tlsMode} needs credentials`);
     const creds = this.tlsCredentials;
+    this.poller = new IdlePoller(pollMaxUs(opts.pollMaxUs), () => this.connections);
     this.host = {
       exports: this.exportTable,
       logger: this.logger,
@@ -77,6 +85,7 @@ export class NbdServer extends EventEmitter {
       tlsMode: this.tlsMode,
       upgradeTls: (raw: Duplex): TLSSocket => upgradeToTls(raw, creds!),
       onClosed: (conn: Connection) => this.onConnectionClosed(conn),
+      onActivity: () => this.poller.activity(),
     };
   }
 
@@ -167,4 +176,11 @@ export class NbdServer extends EventEmitter {
     }
     this.emit('close');
   }
+}
+
+function pollMaxUs(us: number | undefined): number {
+  if (us === undefined) return 0;
+  // Beyond a millisecond the event loop would stall other work for a client that is not coming.
+  if (!Number.isInteger(us) || us < 0 || us > 1000) throw new UsageError(`poll time must be 0 to 1000 microseconds, not ${us}`);
+  return us;
 }

@@ -2,8 +2,8 @@
 // AF_NETLINK, bind(2) to a sockaddr_nl, sendto(2)/recv(2) of whole datagrams) and
 // socketpair(2) for handing one end of a stream to the kernel.
 //
-// Nothing blocks the main thread: sendto(2) and poll(2) run on the libuv thread pool, then
-// recv runs on the main thread with MSG_DONTWAIT.
+// Nothing blocks the main thread: sendto(2) and waiting poll(2)s run on the libuv thread pool,
+// then recv runs on the main thread with MSG_DONTWAIT; a poll(2) that does not wait runs inline.
 //
 // struct sockaddr_nl (12 bytes, host order)
 //   0  u16 nl_family (AF_NETLINK)   2  u16 nl_pad   4  u32 nl_pid (0 = kernel)   8  u32 nl_groups
@@ -37,7 +37,7 @@ interface Bindings {
   sendto: AsyncFn;
   recv: SyncFn;
   setsockopt: SyncFn;
-  poll: AsyncFn;
+  poll: SyncFn & AsyncFn;
   close: SyncFn;
 }
 
@@ -192,6 +192,17 @@ export function waitReadable(fd: number, timeoutMs: number): Promise<boolean> {
       else resolve(r !== 0);
     });
   });
+}
+
+/** An array of struct pollfd (8 bytes each: i32 fd, i16 events, i16 revents) and how many are in use. */
+export interface PollSet {
+  fds: Buffer;
+  count: number;
+}
+
+/** poll(2) without waiting: how many of the set are ready (negative on error, e.g. EINTR). */
+export function pollReadableNow(set: PollSet): number {
+  return lib().poll(set.fds, set.count, 0);
 }
 
 export function closeFd(fd: number): void {

@@ -96,4 +96,11 @@ test('serve: TCP binds to loopback by default; bad arguments exit 64 with a hint
   bad.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   assert.equal(await exited(bad), 64);
   assert.match(err, /either -k SOCKET or -p PORT/);
+
+  // Polling longer than a millisecond would hold every other client up that long.
+  const badPoll = serve(t, ['-k', join(dir, 'y.sock'), '--poll-max-us', '5000', img]);
+  let pollErr = '';
+  badPoll.stderr!.on('data', (d: Buffer) => (pollErr += d.toString()));
+  assert.equal(await exited(badPoll), 64);
+  assert.match(pollErr, /--poll-max-us/);
 });

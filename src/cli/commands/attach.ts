@@ -27,6 +27,7 @@ export async function run(args: string[], opts: Record<string, unknown>, _cmd: C
     connections: parseCount(String(opts.connections ?? '1'), '--connections', 1, 16),
     timeoutSeconds: parseCount(String(opts.timeout ?? '30'), '--timeout', 1, 3600),
     ...(opts.watchPid !== undefined && { watchPid: parseCount(String(opts.watchPid), '--watch-pid', 1) }),
+    ...(opts.pollMaxUs !== undefined && { pollMaxUs: parseCount(String(opts.pollMaxUs), '--poll-max-us', 0, 1000) }),
     interface: parseInterface(opts.interface ?? process.env.IMGBD_NBD_INTERFACE),
   });
   if (opts.json) {
