@@ -12,35 +12,56 @@ import { closeFd, socketPair } from '../../src/sys/socket.js';
 /** Let the poller's check (queued by activity()) run. */
 const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
-/** A thread that writes one byte to `fd` after `ms`, while the main thread is busy polling. */
-function writeLater(fd: number, ms: number): Worker {
-  return new Worker(
-    `const { workerData } = require('node:worker_threads');
-     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, workerData.ms);
-     require('node:fs').writeSync(workerData.fd, 'x');`,
-    { eval: true, workerData: { fd, ms } },
-  );
-}
-
-test('an idle socket is polled until the next request arrives, from another thread while the loop is held', async () => {
+/** Run `fn` with a connected socketpair, closed afterwards. */
+async function withSocketPair(fn: (ours: number, theirs: number) => Promise<void>): Promise<void> {
   const [ours, theirs] = socketPair();
   try {
-    const poller = new IdlePoller(10_000_000, () => [{ idle: true, pollFd: ours }]);
-    const writer = writeLater(theirs, 30);
-    await new Promise((resolve) => writer.once('online', resolve));
-    const started = performance.now();
-    poller.activity();
-    await nextTurn();
-    const heldMs = performance.now() - started;
-    await new Promise((resolve) => writer.once('exit', resolve));
-    assert.deepEqual(poller.counts, { polls: 1, found: 1 });
-    // Held until the byte came (written 30 ms after the worker started), far short of the 10 s budget.
-    assert.ok(heldMs >= 20 && heldMs < 5000, `poll lasted ${heldMs} ms`);
+    await fn(ours, theirs);
   } finally {
     closeFd(ours);
     closeFd(theirs);
   }
-});
+}
+
+/**
+ * A thread that writes one byte to `fd` `ms` after go() is called, while the main thread is busy
+ * polling. go() returns when it was called, so the byte comes at least `ms` after that.
+ */
+async function writeLater(fd: number, ms: number): Promise<{ go(): number; done: Promise<unknown> }> {
+  const flag = new Int32Array(new SharedArrayBuffer(4));
+  const worker = new Worker(
+    `const { workerData } = require('node:worker_threads');
+     Atomics.wait(workerData.flag, 0, 0);
+     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, workerData.ms);
+     require('node:fs').writeSync(workerData.fd, 'x');`,
+    { eval: true, workerData: { fd, ms, flag } },
+  );
+  const done = new Promise((resolve) => worker.once('exit', resolve));
+  await new Promise((resolve) => worker.once('online', resolve));
+  return {
+    go: () => {
+      const at = performance.now();
+      Atomics.store(flag, 0, 1);
+      Atomics.notify(flag, 0);
+      return at;
+    },
+    done,
+  };
+}
+
+test('an idle socket is polled until the next request arrives, from another thread while the loop is held', () =>
+  withSocketPair(async (ours, theirs) => {
+    const poller = new IdlePoller(10_000_000, () => [{ idle: true, pollFd: ours }]);
+    const writer = await writeLater(theirs, 30);
+    const started = writer.go();
+    poller.activity();
+    await nextTurn();
+    const heldMs = performance.now() - started;
+    await writer.done;
+    assert.deepEqual(poller.counts, { polls: 1, found: 1 });
+    // Held until the byte came, 30 ms or more after go(), and far short of the 10 s budget.
+    assert.ok(heldMs >= 30 && heldMs < 5000, `poll lasted ${heldMs} ms`);
+  }));
 
 test('a client that goes away (EOF) ends the poll at once', async () => {
   const [ours, theirs] = socketPair();
@@ -55,9 +76,8 @@ test('a client that goes away (EOF) ends the poll at once', async () => {
   }
 });
 
-test('a pause longer than the budget stops polling until a pause is shorter than it again', async () => {
-  const [ours, theirs] = socketPair();
-  try {
+test('a pause longer than the budget stops polling until a pause is shorter than it again', () =>
+  withSocketPair(async (ours) => {
     const poller = new IdlePoller(40_000, () => [{ idle: true, pollFd: ours }]);
     poller.activity();
     await nextTurn();
@@ -75,15 +95,10 @@ test('a pause longer than the budget stops polling until a pause is shorter than
     poller.activity();
     await nextTurn();
     assert.equal(poller.counts.polls, 2, 'a 120 ms pause is not worth polling for');
-  } finally {
-    closeFd(ours);
-    closeFd(theirs);
-  }
-});
+  }));
 
-test('nothing is polled while a connection is busy, cannot be watched, or polling is off', async () => {
-  const [ours, theirs] = socketPair();
-  try {
+test('nothing is polled while a connection is busy, cannot be watched, or polling is off', () =>
+  withSocketPair(async (ours) => {
     const cases: { label: string; maxUs: number; sources: PollSource[] }[] = [
       { label: 'a request in flight', maxUs: 10_000_000, sources: [{ idle: true, pollFd: ours }, { idle: false, pollFd: ours }] },
       { label: 'a TLS connection', maxUs: 10_000_000, sources: [{ idle: true, pollFd: ours }, { idle: true, pollFd: -1 }] },
@@ -96,21 +111,17 @@ test('nothing is polled while a connection is busy, cannot be watched, or pollin
       await nextTurn();
       assert.deepEqual(poller.counts, { polls: 0, found: 0 }, c.label);
     }
-  } finally {
-    closeFd(ours);
-    closeFd(theirs);
-  }
-});
+  }));
 
 test('many sockets are watched at once: bytes on the last one end the poll', async () => {
   const pairs = Array.from({ length: 9 }, () => socketPair());
   try {
     const poller = new IdlePoller(10_000_000, () => pairs.map(([ours]) => ({ idle: true, pollFd: ours })));
-    const writer = writeLater(pairs[8]![1], 20);
-    await new Promise((resolve) => writer.once('online', resolve));
+    const writer = await writeLater(pairs[8]![1], 20);
+    writer.go();
     poller.activity();
     await nextTurn();
-    await new Promise((resolve) => writer.once('exit', resolve));
+    await writer.done;
     assert.deepEqual(poller.counts, { polls: 1, found: 1 });
   } finally {
     for (const [a, b] of pairs) {
