@@ -1,5 +1,6 @@
 // One client connection: the socket's lifecycle, handshake then transmission, flow control
-// and timers. Requests run concurrently; replies go out as they complete.
+// and timers. Requests run concurrently (command-runner.ts answers them); replies go out as
+// they complete.
 //
 // Memory per connection is bounded: reading pauses while in-flight requests or bytes
 // (request payloads, read buffers, replies not yet taken by the kernel) are over the
@@ -11,8 +12,8 @@
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
-import { EXTENT_ZERO, type HostRun, type WriteOptions, type ZeroOptions } from '../block/device.js';
-import { ProtocolError, RequestError, toNbdErrno } from '../errors.js';
+import { type HostRun, type WriteOptions, type ZeroOptions } from '../block/device.js';
+import { ProtocolError } from '../errors.js';
 import {
   NBD_CMD,
   NBD_CMD_FLAG_DF,
@@ -25,19 +26,19 @@ import {
 } from '../protocol/constants.js';
 import { encodeServerGreeting } from '../protocol/handshake.js';
 import { RequestParser, type ClientMessage, type RequestMessage } from '../protocol/request-parser.js';
-import type { BlockDescriptor } from '../protocol/transmission.js';
-import { REPLY_HEADROOM, type BufferPool } from './buffer-pool.js';
+import type { BufferPool } from './buffer-pool.js';
 import { connectionFlags, type ExportTable, type ServedExport } from './exports.js';
 import type { Logger } from './logger.js';
 import type { MetaContext } from './meta-context.js';
 import { Negotiator, type NegotiationAction, type TlsMode } from './negotiation.js';
 import { duplicateFd } from '../sys/namespace.js';
-import { rangeCached, zeroCopyAvailable } from '../sys/sendfile.js';
+import { zeroCopyAvailable } from '../sys/sendfile.js';
 import { growSendBuffer } from '../sys/socket.js';
 import { splicePipe, type SplicePipe } from '../sys/splice.js';
 import { SplicedWrite } from './spliced-write.js';
-import { ReplyWriter, type ReadSegment } from './replies.js';
-import { commandName, validateRequest, type ValidationContext } from './validate.js';
+import { CommandRunner, type RunnerConnection } from './command-runner.js';
+import { ReplyWriter } from './replies.js';
+import { validateRequest, type ValidationContext } from './validate.js';
 
 export interface ConnectionLimits {
   /** Drop a client that has not entered transmission after this long. */
@@ -93,8 +94,6 @@ const FUA: WriteOptions = Object.freeze({ fua: true });
 const ZERO_OPTS: readonly ZeroOptions[] = Array.from({ length: 8 }, (_, i) =>
   Object.freeze({ mayTrim: (i & 1) !== 0, fast: (i & 2) !== 0, fua: (i & 4) !== 0 }),
 );
-/** At most this many descriptors per block status chunk (the spec's ceiling is 2^20). */
-const MAX_DESCRIPTORS = 1 << 16;
 /** Replies queued during the handshake above which the client is considered not to read. */
 const HANDSHAKE_BACKLOG_BYTES = 1024 * 1024;
 
@@ -129,7 +128,6 @@ export class Connection {
   private phase: Phase = 'handshake';
   private exp: ServedExport | null = null;
   private structured = false;
-  private contexts: readonly MetaContext[] = [];
   /** The socket's descriptor for sendfile(2); -1 when replies must go through the stream (TLS). */
   private sockFd = -1;
   /**
@@ -153,8 +151,8 @@ export class Connection {
   private rehoming = false;
   /** The socket reads where nextReadBuffer says (ownSocket): a spliced payload is never read into memory by mistake. */
   private ownsReads = false;
-  /** Zero-copy reads waiting for the stream's queue to empty. */
-  private flushWaiters: (() => void)[] = [];
+  /** Runs the requests, from the start of transmission. */
+  private runner: CommandRunner | null = null;
   private vctx: ValidationContext = { flags: 0, maxPayloadBytes: 0, metaContexts: 0 };
   private inFlight = 0;
   private inFlightBytes = 0;
@@ -512,7 +510,12 @@ export class Connection {
     this.phase = 'transmission';
     this.exp = exp;
     this.structured = structured;
-    this.contexts = contexts;
+    this.runner = new CommandRunner(this.runnerConnection(), exp.backend, {
+      structured,
+      contexts,
+      zeroCopyMinBytes: this.limits.zeroCopyMinBytes,
+      sparseReadMinBytes: this.limits.sparseReadMinBytes,
+    });
     this.vctx = { flags, maxPayloadBytes: exp.sizes.maximum, metaContexts: contexts.length };
     this.parser.enterTransmission();
     const fd = plainSocketFd(this.socket);
@@ -594,43 +597,38 @@ export class Connection {
       return;
     }
     const backend = this.exp!.backend;
+    const runner = this.runner!;
     const fua = (flags & NBD_CMD_FLAG_FUA) !== 0 ? FUA : undefined;
     switch (type) {
       case NBD_CMD.READ:
         this.start(length);
-        if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && length >= this.limits.sparseReadMinBytes) {
-          void this.runSparseRead(cookie, offset, length);
-        } else if (this.zeroCopyable(length)) {
-          void this.runFileRead(cookie, offset, length);
-        } else if (!this.readNow(cookie, offset, length)) {
-          void this.runRead(cookie, offset, length);
-        }
+        runner.read(cookie, offset, length, (flags & NBD_CMD_FLAG_DF) !== 0);
         return;
       case NBD_CMD.WRITE:
         this.start(length);
-        void this.runSimple(cookie, type, length, backend.pwrite(m.payload!, offset, fua), m.payloadOwner);
+        void runner.simple(cookie, type, length, backend.pwrite(m.payload!, offset, fua), m.payloadOwner);
         return;
       case NBD_CMD.FLUSH:
         this.start(0);
-        void this.runSimple(cookie, type, 0, backend.flush());
+        void runner.simple(cookie, type, 0, backend.flush());
         return;
       case NBD_CMD.TRIM:
         this.start(0);
-        void this.runSimple(cookie, type, 0, backend.trim(offset, length, fua));
+        void runner.simple(cookie, type, 0, backend.trim(offset, length, fua));
         return;
       case NBD_CMD.CACHE:
         this.start(0);
-        void this.runSimple(cookie, type, 0, backend.cache(offset, length));
+        void runner.simple(cookie, type, 0, backend.cache(offset, length));
         return;
       case NBD_CMD.WRITE_ZEROES: {
         const i = ((flags & NBD_CMD_FLAG_NO_HOLE) === 0 ? 1 : 0) | ((flags & NBD_CMD_FLAG_FAST_ZERO) !== 0 ? 2 : 0) | (fua ? 4 : 0);
         this.start(0);
-        void this.runSimple(cookie, type, 0, backend.zero(offset, length, ZERO_OPTS[i]));
+        void runner.simple(cookie, type, 0, backend.zero(offset, length, ZERO_OPTS[i]));
         return;
       }
       case NBD_CMD.BLOCK_STATUS:
         this.start(0);
-        void this.runBlockStatus(cookie, offset, length, (flags & NBD_CMD_FLAG_REQ_ONE) !== 0);
+        void runner.blockStatus(cookie, offset, length, (flags & NBD_CMD_FLAG_REQ_ONE) !== 0);
         return;
     }
   }
@@ -728,7 +726,7 @@ export class Connection {
       if (w.fua) await this.exp!.backend.flush();
       if (this.writable) this.replies.simpleOk(w.cookie);
     } catch (e) {
-      this.failed(w.cookie, NBD_CMD.WRITE, e);
+      this.runner!.failed(w.cookie, NBD_CMD.WRITE, e);
     } finally {
       this.finish(w.length);
     }
@@ -750,207 +748,19 @@ export class Connection {
     return (this.phase === 'transmission' || this.phase === 'closing') && !this.socket.destroyed;
   }
 
-  private failed(cookie: bigint, type: number, err: unknown): void {
-    if (!this.writable) return;
-    const errno = toNbdErrno(err);
-    const message = err instanceof Error ? err.message : String(err);
-    if (errno === 'EIO') this.host.logger.error(`connection ${this.id}: ${commandName(type)}: ${message}`);
-    // RequestError messages are written for the client; anything else (a system error naming
-    // host paths, say) stays in the log and the client gets the errno alone.
-    this.replies.error(cookie, errno, err instanceof RequestError ? message : `${commandName(type)} failed: ${errno}`, this.structured);
+  private runnerConnection(): RunnerConnection {
+    return {
+      id: this.id,
+      pool: this.host.pool,
+      logger: this.host.logger,
+      replies: this.replies,
+      writable: () => this.writable,
+      sockFd: () => this.sockFd,
+      queuedBytes: () => this.socket.writableLength,
+      afterQueue: (done) => this.socket.write(EMPTY, done),
+      finish: (bytes) => this.finish(bytes),
+    };
   }
-
-  private async runSimple(cookie: bigint, type: number, bytes: number, op: Promise<void>, pooled?: Buffer): Promise<void> {
-    try {
-      await op;
-      if (this.writable) this.replies.simpleOk(cookie);
-    } catch (e) {
-      this.failed(cookie, type, e);
-    } finally {
-      if (pooled !== undefined) this.host.pool.release(pooled);
-      this.finish(bytes);
-    }
-  }
-
-  private zeroCopyable(length: number): boolean {
-    return this.sockFd >= 0 && length >= this.limits.zeroCopyMinBytes;
-  }
-
-  /**
-   * Bytes that sit unchanged in a host file and in its page cache leave with sendfile(2): no
-   * copy through user space. The kernel must see them after everything queued on the stream,
-   * so a congested socket is waited for (a couple of times at most, so that a stream of small
-   * replies cannot starve the read). False: the copying paths must answer.
-   */
-  private async sendFile(cookie: bigint, offset: number, length: number): Promise<boolean> {
-    if (!this.zeroCopyable(length)) return false;
-    const run = this.exp!.backend.hostRun(offset, length);
-    if (run === null || run.length !== length) return false;
-    for (let waits = 0; this.socket.writableLength > 0; waits++) {
-      if (waits === 2 || !this.writable) return false;
-      await this.queueFlushed();
-    }
-    if (!this.writable || !rangeCached(run.fd, run.offset, length)) return false;
-    return this.replies.fileData(cookie, offset, run, this.structured, this.sockFd);
-  }
-
-  /** Resolves once everything written to the stream so far has gone to the kernel. */
-  private queueFlushed(): Promise<void> {
-    return new Promise((resolve) => {
-      if (this.flushWaiters.push(resolve) === 1) this.socket.write(EMPTY, this.onQueueFlushed);
-    });
-  }
-
-  private readonly onQueueFlushed = (): void => {
-    const waiters = this.flushWaiters;
-    this.flushWaiters = [];
-    for (const w of waiters) w();
-  };
-
-  private async runFileRead(cookie: bigint, offset: number, length: number): Promise<void> {
-    let sent: boolean;
-    try {
-      sent = await this.sendFile(cookie, offset, length);
-    } catch (e) {
-      this.failed(cookie, NBD_CMD.READ, e);
-      this.finish(length);
-      return;
-    }
-    if (sent) this.finish(length);
-    else if (!this.readNow(cookie, offset, length)) await this.runRead(cookie, offset, length);
-  }
-
-  /** Cached data is read on this thread and answered in the same turn: no promise, no pool hop. */
-  private readNow(cookie: bigint, offset: number, length: number): boolean {
-    const pool = this.host.pool;
-    const buf = pool.acquire(length);
-    if (!this.exp!.backend.readNow(buf.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length), offset)) {
-      pool.release(buf);
-      return false;
-    }
-    if (this.writable) this.replies.readData(cookie, offset, length, buf, this.structured);
-    else pool.release(buf);
-    this.finish(length);
-    return true;
-  }
-
-  private async runRead(cookie: bigint, offset: number, length: number): Promise<void> {
-    const pool = this.host.pool;
-    const buf = pool.acquire(length);
-    try {
-      await this.exp!.backend.pread(buf.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length), offset);
-      if (this.writable) this.replies.readData(cookie, offset, length, buf, this.structured);
-      else pool.release(buf);
-    } catch (e) {
-      pool.release(buf);
-      this.failed(cookie, NBD_CMD.READ, e);
-    } finally {
-      this.finish(length);
-    }
-  }
-
-  /** A structured read that reports the device's zero extents as OFFSET_HOLE chunks. */
-  private async runSparseRead(cookie: bigint, offset: number, length: number): Promise<void> {
-    const backend = this.exp!.backend;
-    const pool = this.host.pool;
-    let buf: Buffer | undefined;
-    try {
-      const segments = await this.readSegments(offset, length);
-      if (segments.length === 1 && !segments[0]!.hole && (await this.sendFile(cookie, offset, length))) return;
-      buf = pool.acquire(length);
-      const b = buf;
-      if (segments.length === 1 && !segments[0]!.hole) {
-        const view = b.subarray(REPLY_HEADROOM, REPLY_HEADROOM + length);
-        if (!backend.readNow(view, offset)) await backend.pread(view, offset);
-        buf = undefined;
-        if (this.writable) this.replies.readData(cookie, offset, length, b, true);
-        else pool.release(b);
-        return;
-      }
-      const reads: Promise<void>[] = [];
-      for (const s of segments) {
-        if (s.hole) continue;
-        const at = REPLY_HEADROOM + (s.offset - offset);
-        const view = b.subarray(at, at + s.length);
-        if (!backend.readNow(view, s.offset)) reads.push(backend.pread(view, s.offset));
-      }
-      await Promise.all(reads);
-      buf = undefined;
-      if (this.writable) this.replies.readSparse(cookie, offset, segments, b);
-      else pool.release(b);
-    } catch (e) {
-      if (buf !== undefined) pool.release(buf);
-      this.failed(cookie, NBD_CMD.READ, e);
-    } finally {
-      this.finish(length);
-    }
-  }
-
-  /** Data and zero segments covering [offset, offset+length); extents failing means all data. */
-  private async readSegments(offset: number, length: number): Promise<ReadSegment[]> {
-    const backend = this.exp!.backend;
-    let extents;
-    try {
-      extents = await backend.extents(offset, length);
-    } catch {
-      // Holes are an optimisation: the read itself decides whether the request fails.
-      return [{ offset, length, hole: false }];
-    }
-    const out: ReadSegment[] = [];
-    let pos = offset;
-    const end = offset + length;
-    for (const x of extents) {
-      if (pos >= end) break;
-      const n = Math.min(x.length, end - pos);
-      const hole = (x.flags & EXTENT_ZERO) !== 0;
-      const prev = out[out.length - 1];
-      if (prev !== undefined && prev.hole === hole) out[out.length - 1] = { offset: prev.offset, length: prev.length + n, hole };
-      else out.push({ offset: pos, length: n, hole });
-      pos += n;
-    }
-    if (pos < end) {
-      const prev = out[out.length - 1];
-      if (prev !== undefined && !prev.hole) out[out.length - 1] = { offset: prev.offset, length: prev.length + end - pos, hole: false };
-      else out.push({ offset: pos, length: end - pos, hole: false });
-    }
-    return out;
-  }
-
-  private async runBlockStatus(cookie: bigint, offset: number, length: number, one: boolean): Promise<void> {
-    const backend = this.exp!.backend;
-    try {
-      const chunks: { id: number; descriptors: BlockDescriptor[] }[] = [];
-      for (const ctx of this.contexts) {
-        const descriptors: BlockDescriptor[] =
-          ctx.kind === 'allocation'
-            ? mergeDescriptors(await backend.extents(offset, length, one ? { one: true } : undefined), one)
-            : mergeDescriptors((await backend.allocationDepth(offset, length)).map((d) => ({ length: d.length, flags: d.depth })), one);
-        chunks.push({ id: ctx.id, descriptors });
-      }
-      if (this.writable) this.replies.blockStatus(cookie, chunks);
-    } catch (e) {
-      this.failed(cookie, NBD_CMD.BLOCK_STATUS, e);
-    } finally {
-      this.finish(0);
-    }
-  }
-}
-
-/**
- * Merge neighbours with equal flags ("The server SHOULD use different status values between
- * consecutive descriptors where feasible") and bound the count; REQ_ONE keeps only the first.
- */
-function mergeDescriptors(extents: readonly { length: number; flags: number }[], one: boolean): BlockDescriptor[] {
-  const out: { length: number; flags: number }[] = [];
-  for (const x of extents) {
-    const last = out[out.length - 1];
-    // Merging must not overflow the 32-bit descriptor length.
-    if (last !== undefined && last.flags === x.flags && last.length + x.length <= 0xffffffff) last.length += x.length;
-    else if (out.length < MAX_DESCRIPTORS) out.push({ length: x.length, flags: x.flags });
-    else break;
-    if (one) break;
-  }
-  return out;
 }
 
 /** The descriptor of a plain unix or TCP socket; -1 for anything else (TLS, a test stream). */
