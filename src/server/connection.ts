@@ -184,7 +184,7 @@ export class Connection {
     this.socket = socket;
     const s = socket as Partial<Socket>;
     this.peer = s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort}` : 'unix';
-    this.replies = new ReplyWriter(socket, host.pool);
+    this.replies = new ReplyWriter(socket, host.pool, () => this.inFlight <= 1 && this.parser.buffered === 0);
     this.attach(socket);
     if (transmission) {
       this.negotiator = null;

@@ -32,10 +32,13 @@ export class ReplyWriter {
   private readonly pending: Buffer[] = [];
   private pendingHead = 0;
   private batching = false;
+  private readonly alone: () => boolean;
 
-  constructor(out: Writable, pool: BufferPool) {
+  /** `alone`: no other reply can follow in this turn of the event loop (see batch). */
+  constructor(out: Writable, pool: BufferPool, alone: () => boolean = () => false) {
     this.out = out;
     this.pool = pool;
+    this.alone = alone;
   }
 
   /** Replies go to `out` from now on (after a STARTTLS upgrade). */
@@ -57,10 +60,11 @@ export class ReplyWriter {
 
   /**
    * Replies completed in one event-loop turn leave in one writev: the first of them corks the
-   * socket and the check phase of the same turn uncorks it, so latency is unchanged.
+   * socket and the check phase of the same turn uncorks it, so latency is unchanged. A reply
+   * that cannot have company (one request at a time) leaves at once, without the detour.
    */
   private batch(): void {
-    if (this.batching) return;
+    if (this.batching || this.alone()) return;
     this.batching = true;
     this.out.cork();
     setImmediate(this.endBatch);
