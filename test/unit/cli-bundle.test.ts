@@ -26,6 +26,18 @@ test('the bundle is built, newer than the modules, and is what bin/imgbd runs', 
   assert.match(readFileSync(bundle, 'utf8'), /runCli/);
 });
 
+test("the bundle loads koffi's native module itself, not through koffi's loader", async (t) => {
+  const dir = tempDir(t);
+  const image = join(dir, 'disk.raw');
+  writeFileSync(image, Buffer.alloc(1 << 20, 1));
+  // `map` asks the file for its data and holes with lseek(SEEK_DATA), a call made through koffi.
+  const r = await run(IMGBD, ['map', '--json', image], { env: { ...process.env, IMGBD_CODE_CACHE: '0', NODE_DEBUG: 'module' } });
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(JSON.parse(r.stdout).map((e: { length: number; data: boolean }) => [e.length, e.data]), [[1 << 20, true]]);
+  assert.match(r.stderr, /MODULE \d+:/, 'NODE_DEBUG=module reports module loads');
+  assert.doesNotMatch(r.stderr, /looking for "koffi"|koffi[\\/]index\.cjs/);
+});
+
 test('bin/imgbd finds its package through a link to itself, a linked directory and a relative path', async (t) => {
   const dir = tempDir(t);
   mkdirSync(join(dir, 'bin'));
