@@ -15,6 +15,9 @@
 import { availableParallelism } from 'node:os';
 import { pollReadableNow, type PollSet } from '../sys/socket.js';
 
+/** poll.h */
+const POLLIN = 0x1;
+
 /** What the poller needs of a connection. */
 export interface PollSource {
   /** Nothing in progress: no request in flight, no reply waiting to leave, nothing buffered. */
@@ -52,8 +55,8 @@ export class IdlePoller {
 
   /**
    * A connection did some work this turn of the event loop (read a request, finished one). The
-   * check runs once per turn, after the turn's replies have been written (they are sent in the
-   * check phase too, and were queued first).
+   * check runs once per turn, after the turn's replies have been written (a batch of them leaves
+   * in the check phase too, queued before the check).
    */
   activity(): void {
     if (this.budgetMs <= 0) return;
@@ -103,5 +106,3 @@ export class IdlePoller {
     return n > 0;
   }
 }
-
-const POLLIN = 0x1;
