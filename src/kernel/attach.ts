@@ -12,6 +12,7 @@ import type { PartitionSelector } from '../partition/table.js';
 import type { InterfaceChoice } from './attach-link.js';
 import { ensureRunDir, runDir as defaultRunDir } from './state.js';
 import { ReadinessReader, SupervisorError, type AttachInfo, type ReadinessMessage, type SupervisorConfig } from './supervisor-protocol.js';
+import { checkPollMaxUs } from '../server/idle-poller.js';
 
 export interface AttachOptions {
   readonly image: string;
@@ -64,9 +65,8 @@ export function buildSupervisorConfig(opts: AttachOptions, logFile: string): Sup
   if (opts.watchPid !== undefined && (!Number.isSafeInteger(opts.watchPid) || opts.watchPid <= 0)) {
     throw new UsageError(`--watch-pid must be a process id, not ${opts.watchPid}`);
   }
-  if (opts.pollMaxUs !== undefined && (!Number.isInteger(opts.pollMaxUs) || opts.pollMaxUs < 0 || opts.pollMaxUs > 1000)) {
-    throw new UsageError(`--poll-max-us must be between 0 and 1000 microseconds, not ${opts.pollMaxUs}`);
-  }
+  // Checked here, not only by the supervisor's server: a bad value must not spawn one.
+  if (opts.pollMaxUs !== undefined) checkPollMaxUs(opts.pollMaxUs);
   if (!existsSync(opts.image)) throw new UsageError(`${opts.image}: no such file`);
   // The real path: detach and list match images by it, whatever link was used to attach.
   const image = realpathSync(resolve(opts.image));

@@ -13,6 +13,7 @@
 // it is the caller's choice: `imgbd serve` polls unless told not to, an attach supervisor does not.
 
 import { availableParallelism } from 'node:os';
+import { UsageError } from '../errors.js';
 import { pollReadableNow, type PollSet } from '../sys/socket.js';
 
 /** poll.h */
@@ -33,6 +34,15 @@ export interface PollSource {
  */
 export function defaultPollMaxUs(): number {
   return availableParallelism() > 1 ? 50 : 0;
+}
+
+/** Longer, and the event loop would hold every other client up for one that is not coming. */
+export const MAX_POLL_US = 1000;
+
+/** `us` if it is a budget the poller takes (0 to MAX_POLL_US whole microseconds). */
+export function checkPollMaxUs(us: number): number {
+  if (!Number.isInteger(us) || us < 0 || us > MAX_POLL_US) throw new UsageError(`--poll-max-us must be between 0 and ${MAX_POLL_US} microseconds, not ${us}`);
+  return us;
 }
 
 export class IdlePoller {

@@ -17,7 +17,7 @@ import { UsageError } from '../errors.js';
 import { BufferPool } from './buffer-pool.js';
 import { Connection, DEFAULT_CONNECTION_LIMITS, type ConnectionHost, type ConnectionLimits } from './connection.js';
 import { connectionFlags, ExportTable, type ExportConfig } from './exports.js';
-import { IdlePoller } from './idle-poller.js';
+import { checkPollMaxUs, IdlePoller } from './idle-poller.js';
 import { SILENT_LOGGER, type Logger } from './logger.js';
 import type { TlsMode } from './negotiation.js';
 import { upgradeToTls, type TlsCredentials } from './tls.js';
@@ -76,7 +76,7 @@ export class NbdServer extends EventEmitter {
     this.tlsCredentials = opts.tls?.credentials;
     if (this.tlsMode !== 'off' && this.tlsCredentials === undefined) throw new UsageError(`TLS mode ${this.tlsMode} needs credentials`);
     const creds = this.tlsCredentials;
-    this.poller = new IdlePoller(pollMaxUs(opts.pollMaxUs), () => this.connections);
+    this.poller = new IdlePoller(checkPollMaxUs(opts.pollMaxUs ?? 0), () => this.connections);
     this.host = {
       exports: this.exportTable,
       logger: this.logger,
@@ -176,11 +176,4 @@ export class NbdServer extends EventEmitter {
     }
     this.emit('close');
   }
-}
-
-function pollMaxUs(us: number | undefined): number {
-  if (us === undefined) return 0;
-  // Beyond a millisecond the event loop would stall other work for a client that is not coming.
-  if (!Number.isInteger(us) || us < 0 || us > 1000) throw new UsageError(`poll time must be 0 to 1000 microseconds, not ${us}`);
-  return us;
 }

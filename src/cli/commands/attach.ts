@@ -7,6 +7,7 @@ import { UsageError } from '../../errors.js';
 import { attachImage } from '../../kernel/attach.js';
 import type { InterfaceChoice } from '../../kernel/attach-link.js';
 import { parseCount } from '../parse.js';
+import { MAX_POLL_US } from '../../server/idle-poller.js';
 
 function parseInterface(v: unknown): InterfaceChoice {
   if (v === undefined) return 'auto';
@@ -27,7 +28,7 @@ export async function run(args: string[], opts: Record<string, unknown>, _cmd: C
     connections: parseCount(String(opts.connections ?? '1'), '--connections', 1, 16),
     timeoutSeconds: parseCount(String(opts.timeout ?? '30'), '--timeout', 1, 3600),
     ...(opts.watchPid !== undefined && { watchPid: parseCount(String(opts.watchPid), '--watch-pid', 1) }),
-    ...(opts.pollMaxUs !== undefined && { pollMaxUs: parseCount(String(opts.pollMaxUs), '--poll-max-us', 0, 1000) }),
+    ...(opts.pollMaxUs !== undefined && { pollMaxUs: parseCount(String(opts.pollMaxUs), '--poll-max-us', 0, MAX_POLL_US) }),
     interface: parseInterface(opts.interface ?? process.env.IMGBD_NBD_INTERFACE),
   });
   if (opts.json) {

@@ -12,7 +12,7 @@ import { openImageWithFormat } from '../../formats/open.js';
 import { listenInherited, listenTcp, listenUnix, NBD_DEFAULT_PORT, type Listener } from '../../server/listen.js';
 import type { Logger } from '../../server/logger.js';
 import type { TlsMode } from '../../server/negotiation.js';
-import { defaultPollMaxUs } from '../../server/idle-poller.js';
+import { defaultPollMaxUs, MAX_POLL_US } from '../../server/idle-poller.js';
 import { NbdServer } from '../../server/server.js';
 import { loadPsk, loadX509Dir, type TlsCredentials } from '../../server/tls.js';
 import { parseCount, parseSize } from '../parse.js';
@@ -157,7 +157,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
     persistent: o.persistent ?? false,
     tls,
     limits: { handshakeTimeoutMs },
-    pollMaxUs: o.pollMaxUs === undefined ? defaultPollMaxUs() : parseCount(o.pollMaxUs, '--poll-max-us', 0, 1000),
+    pollMaxUs: o.pollMaxUs === undefined ? defaultPollMaxUs() : parseCount(o.pollMaxUs, '--poll-max-us', 0, MAX_POLL_US),
   });
 
   const listeners: Listener[] = await listenInherited(server);
