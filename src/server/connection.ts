@@ -201,9 +201,13 @@ export class Connection {
     return this.phase === 'transmission';
   }
 
-  /** IdlePoller: nothing in progress, nothing waiting to be sent or parsed. */
+  /**
+   * IdlePoller: only the client can move things on. Nothing is in progress but, at most, the
+   * write whose payload is still arriving; nothing is waiting to be sent or parsed.
+   */
   get idle(): boolean {
-    return this.phase === 'transmission' && this.inFlight === 0 && this.spliced === null && this.parser.buffered === 0 && this.socket.writableLength === 0;
+    if (this.phase !== 'transmission' || this.parser.buffered !== 0 || this.socket.writableLength !== 0) return false;
+    return this.spliced === null ? this.inFlight === 0 : this.spliceWaiting && this.inFlight === 1;
   }
 
   /** IdlePoller: the socket to watch for the next request, when we read it ourselves. */
@@ -260,6 +264,7 @@ export class Connection {
   private readonly onReadInto = (n: number, buf: Uint8Array): boolean => {
     if (this.spliced !== null) {
       this.resumeSplice((buf as Buffer).subarray(0, n));
+      this.host.onActivity();
       return true;
     }
     if (buf === this.fillBuffer) this.parser.filled(n);

@@ -93,6 +93,11 @@ export class NbdServer extends EventEmitter {
     return this.connections.size;
   }
 
+  /** Idle polls started, and those a client's bytes ended before the budget ran out. */
+  get pollCounts(): { readonly polls: number; readonly found: number } {
+    return this.poller.counts;
+  }
+
   /** Serve clients arriving on `listener` (see listen.ts). */
   attach(listener: NetServer): void {
     this.listeners_.add(listener);

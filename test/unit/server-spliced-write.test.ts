@@ -62,12 +62,16 @@ function replyReader(socket: Socket): ReplyReader {
   return Object.assign(header, { data: take });
 }
 
-async function serveImage(t: { after: (fn: () => void | Promise<void>) => void }, sizeBytes: number): Promise<{ path: string; client: Socket; served: Promise<void> }> {
+async function serveImage(
+  t: { after: (fn: () => void | Promise<void>) => void },
+  sizeBytes: number,
+  pollMaxUs = 0,
+): Promise<{ path: string; client: Socket; served: Promise<void>; server: NbdServer }> {
   const dir = mkdtempSync(join(tmpdir(), 'imgbd-splice-'));
   const path = join(dir, 'disk.raw');
   writeFileSync(path, '');
   truncateSync(path, sizeBytes);
-  const server = new NbdServer({ exports: [{ name: '', device: await openRaw(path), readOnly: false }] });
+  const server = new NbdServer({ exports: [{ name: '', device: await openRaw(path), readOnly: false }], pollMaxUs });
   const [serverFd, clientFd] = socketPair();
   const served = server.serveTransmission(serverFd, '');
   const client = new Socket({ fd: clientFd, readable: true, writable: true });
@@ -76,7 +80,7 @@ async function serveImage(t: { after: (fn: () => void | Promise<void>) => void }
     await server.close();
     rmSync(dir, { recursive: true, force: true });
   });
-  return { path, client, served };
+  return { path, client, served, server };
 }
 
 test('large writes go to the file through the pipe, in pieces, between small writes and reads', async (t) => {
@@ -122,6 +126,21 @@ test('large writes go to the file through the pipe, in pieces, between small wri
   assert.ok(read.data.equals(expected), 'the read sees every write');
   assert.ok(readFileSync(path).equals(expected), 'the file holds every write');
   assert.equal(spliceStats.bytesToFile - before, a.length + b.length + d.length, 'the three large payloads went through the pipe');
+});
+
+test('a payload still on its way leaves only the client to wait for: the idle poller watches its socket', async (t) => {
+  const { path, client, server } = await serveImage(t, 2 << 20, 1000);
+  const reply = replyReader(client);
+  const a = randomBytes(1 << 20);
+  client.write(Buffer.concat([request(NBD_CMD_WRITE, 1, 0, a.length), a.subarray(0, 1000)]));
+  // The server takes the 1000 bytes, finds the socket empty and polls it (one 1 ms budget: the
+  // rest comes later), then sleeps.
+  await sleep(50);
+  assert.deepEqual(server.pollCounts, { polls: 1, found: 0 });
+  client.write(a.subarray(1000));
+  const r = await reply();
+  assert.deepEqual([r.error, r.cookie], [0, 1]);
+  assert.ok(readFileSync(path).subarray(0, a.length).equals(a));
 });
 
 test('a client gone in the middle of a payload closes the connection, without a reply', async (t) => {
