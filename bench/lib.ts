@@ -1,7 +1,7 @@
 // Starting the servers under test and running the clients against them.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, openSync, closeSync, writeSync, statSync } from 'node:fs';
+import { existsSync, openSync, closeSync, rmSync, writeSync, statSync } from 'node:fs';
 import { randomFillSync } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import type { Row } from './rows.js';
@@ -51,6 +51,8 @@ export async function writeBack(): Promise<void> {
 
 export async function startServer(kind: ServerKind, image: string, dir: string, format: 'raw' | 'qcow2' = 'raw'): Promise<ServerHandle> {
   const socket = join(dir, `${kind}-${format}.sock`);
+  // A server of an earlier round may have left its socket behind.
+  rmSync(socket, { force: true });
   const [cmd, args] = commandFor(kind, image, socket, format);
   const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
