@@ -7,13 +7,12 @@
 // clients answer quickly, so like QEMU we stop as soon as a pause outlasts the budget, and start
 // again only after a pause shorter than it: a quiet server polls for one budget, then sleeps.
 //
-// The poll blocks the event loop, so it only starts when nothing is in progress that the server
-// could move on (no request being answered, no reply queued; a write whose payload is still on its
-// way only waits for the client, and a stream of large writes gains as much as a QD1 reader: the
-// sender refills a socket a few microseconds after we drain it) and every client's socket can be
-// watched; it ends the moment any of them has bytes (or EOF), and the event loop then finds them
-// without sleeping. It costs CPU, so
-// it is the caller's choice: `imgbd serve` polls unless told not to, an attach supervisor does not.
+// The poll blocks the event loop, so it only starts when only the clients can move things on (no
+// request being answered, no reply queued; a write whose payload is still on its way waits for its
+// client like an idle connection: a sender refills the socket soon after we drain it) and every
+// client's socket can be watched; it ends the moment any of them has bytes (or EOF), and the event
+// loop then finds them without sleeping. It costs CPU, so it is the caller's choice: `imgbd serve`
+// polls unless told not to, an attach supervisor does not.
 
 import { availableParallelism } from 'node:os';
 import { UsageError } from '../errors.js';
