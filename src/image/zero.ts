@@ -24,8 +24,11 @@ export function zeroRuns(buf: Buffer, grainBytes: number): [number, number, bool
   for (let pos = 0; pos < buf.length; ) {
     let end = Math.min(buf.length, pos + grainBytes);
     // Data usually shows a nonzero byte at once: look at a few before comparing the whole grain.
-    const zero = !nonzeroNear(buf, pos, end) && isAllZero(buf.subarray(pos, end));
+    const zero = buf[pos] === 0 && !nonzeroNear(buf, pos, end) && isAllZero(buf.subarray(pos, end));
     if (zero) while (end + stride <= buf.length && isAllZero(buf.subarray(end, end + stride))) end += stride;
+    // A grain that starts with a nonzero byte is data: a run of them is taken in this one loop,
+    // a grain at a time, rather than a call or two each (a 2 MiB request of data: 512 grains).
+    else while (end < buf.length && buf[end] !== 0) end = Math.min(buf.length, end + grainBytes);
     const last = runs[runs.length - 1];
     if (last && last[2] === zero) last[1] = end;
     else runs.push([pos, end, zero]);

@@ -197,6 +197,31 @@ test('hostile qcow2: data cluster mapped onto the L1 table', async (t) => {
   await openExpect(p, CorruptImageError, `qcow2: guest cluster 0 maps to host offset ${l1Offset(p)}, inside the L1 table`);
 });
 
+test('hostile qcow2: a cluster inside a run of data mapped onto the L1 table', async (t) => {
+  const p = join(tempDir(t), 'run.qcow2');
+  await createQcow2(p, { sizeBytes: 8 * 1024 * 1024 });
+  const w = await Qcow2Device.open(await HostFile.open(p));
+  await w.pwrite(Buffer.alloc(4 * CS, 0x42), 0);
+  await w.close();
+  const l2 = Number(peek(p, l1Offset(p), 8).readBigUInt64BE(0) & ((1n << 56n) - 1n));
+  poke(p, l2 + 2 * 8, u64((1n << 63n) | BigInt(l1Offset(p))));
+  const dev = await Qcow2Device.open(await HostFile.open(p, { readOnly: true }), { readOnly: true });
+  try {
+    const message = `qcow2: guest cluster 2 maps to host offset ${l1Offset(p)}, inside the L1 table`;
+    await assert.rejects(dev.pread(Buffer.alloc(4 * CS), 0), { message });
+    await assert.rejects(dev.extents!(0, 4 * CS), { message });
+    // The clusters before it are plain data, mapped at once; a range that reaches it is left to pread.
+    assert.equal(dev.hostRun(0, 2 * CS)?.length, 2 * CS);
+    assert.equal(dev.hostRun(0, 4 * CS), null);
+    assert.equal(dev.readNow(Buffer.alloc(4 * CS), 0), false);
+    const head = Buffer.alloc(2 * CS);
+    await dev.pread(head, 0);
+    assert.ok(head.equals(Buffer.alloc(2 * CS, 0x42)));
+  } finally {
+    await dev.close();
+  }
+});
+
 test('hostile qcow2: compressed descriptor past end of file', async (t) => {
   const p = await freshImage(t);
   const size = statSync(p).size;

@@ -45,11 +45,14 @@ import {
   encodeL1Entry,
   encodeL2Entry,
   makeGeometry,
+  scanDataRun,
+  scanUnallocatedRun,
   SUB_DATA,
   SUB_UNALLOCATED,
   SUB_ZERO,
   subclusterStatus,
   UNALLOCATED_ENTRY,
+  type DataRun,
   type L2Entry,
   type Qcow2Geometry,
 } from './map.js';
@@ -207,7 +210,13 @@ export class Qcow2Device implements BlockDevice {
     });
     this.compressedSpace = new CompressedAllocator(this.refcounts, cs, () => this.extendFile());
     this.refcounts.onFree = (c) => this.compressedSpace.forget(c);
-    this.statusSource = { geometry: this.geometry, backing: this.backing, entry: (c) => this.entry(c), entryNow: (c) => this.entryNow(c) };
+    this.statusSource = {
+      geometry: this.geometry,
+      backing: this.backing,
+      entry: (c) => this.entry(c),
+      entryNow: (c) => this.entryNow(c),
+      runNow: (c, max) => this.statusRunNow(c, max),
+    };
   }
 
   /** Open a qcow2 image on `file`; the device owns the file and the backing device from then on. */
@@ -525,6 +534,39 @@ export class Qcow2Device implements BlockDevice {
     return e;
   }
 
+  /**
+   * The host-contiguous run of plain data clusters from `cluster` on (at most `max`, within one
+   * L2 table), when its table is cached and the run touches no metadata; null otherwise, leaving
+   * the cluster to entry() and its checks. `peek` keeps the table's recency as it is.
+   */
+  private dataRunNow(cluster: number, max: number, peek: boolean): DataRun | null {
+    const g = this.geometry;
+    if (g.extL2 || g.externalData) return null;
+    const off = this.l1Offsets[Math.floor(cluster / g.l2Entries)] ?? 0;
+    const table = off === 0 ? undefined : peek ? this.l2Cache.peek(off) : this.l2Cache.getNow(off);
+    if (table === undefined) return null;
+    const index = cluster % g.l2Entries;
+    const run = scanDataRun(g, table, index, Math.min(max, g.l2Entries - index), this.state.fileEnd);
+    if (run.count === 0) return null;
+    const end = run.host + run.count * g.clusterSize;
+    for (const r of this.fixedRanges()) if (run.host < r.end && r.start < end) return null;
+    return run;
+  }
+
+  /** A run of data or unallocated clusters from `cluster` on, for block status (see StatusSource.runNow). */
+  private statusRunNow(cluster: number, max: number): { status: number; count: number } | null {
+    const data = this.dataRunNow(cluster, max, false);
+    if (data !== null) return { status: SUB_DATA, count: data.count };
+    const g = this.geometry;
+    if (g.extL2) return null;
+    const off = this.l1Offsets[Math.floor(cluster / g.l2Entries)] ?? 0;
+    const table = off === 0 ? undefined : this.l2Cache.getNow(off);
+    if (table === undefined) return null;
+    const index = cluster % g.l2Entries;
+    const count = scanUnallocatedRun(table, index, Math.min(max, g.l2Entries - index));
+    return count === 0 ? null : { status: SUB_UNALLOCATED, count };
+  }
+
   private checkDataCluster(hostOffset: number, cluster: number): void {
     for (const r of this.fixedRanges()) {
       if (hostOffset < r.end && r.start < hostOffset + this.geometry.clusterSize) {
@@ -555,6 +597,7 @@ export class Qcow2Device implements BlockDevice {
         },
         dataFd: this.data.fd,
         checkDataCluster: (host, cluster) => this.checkDataCluster(host, cluster),
+        dataRun: (cluster, max) => this.dataRunNow(cluster, max, true),
       };
     }
     return this.runSourceValue;

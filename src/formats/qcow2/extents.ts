@@ -12,6 +12,8 @@ export interface StatusSource {
   entry(cluster: number): Promise<L2Entry>;
   /** The entry without waiting, when it is at hand. */
   entryNow?(cluster: number): L2Entry | undefined;
+  /** Clusters from `cluster` on (at most `max`) known at once to share one status; null: ask entry(). */
+  runNow?(cluster: number, max: number): { readonly status: number; readonly count: number } | null;
 }
 
 /** Visit runs of equal (sub)cluster status; `fn` returns false to stop early. */
@@ -23,6 +25,17 @@ export async function walkStatus(src: StatusSource, offset: number, length: numb
   const end = offset + length;
   while (pos < end) {
     const cluster = Math.floor(pos / g.clusterSize);
+    // Long stretches of data or of nothing are the common case: taken a run at a time.
+    const run = pos % g.clusterSize === 0 ? src.runNow?.(cluster, Math.ceil((end - pos) / g.clusterSize)) : null;
+    if (run) {
+      if (runStatus !== run.status) {
+        if (runStatus >= 0 && !(await fn(runStart, pos - runStart, runStatus))) return;
+        runStart = pos;
+        runStatus = run.status;
+      }
+      pos = Math.min(end, pos + run.count * g.clusterSize);
+      continue;
+    }
     const e = src.entryNow?.(cluster) ?? (await src.entry(cluster));
     const clusterEnd = Math.min(end, (cluster + 1) * g.clusterSize);
     while (pos < clusterEnd) {

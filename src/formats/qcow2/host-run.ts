@@ -17,6 +17,8 @@ export interface HostRunSource {
   readonly dataFd: number;
   /** Throws CorruptImageError when a data cluster overlaps metadata. */
   checkDataCluster(hostOffset: number, cluster: number): void;
+  /** The host-contiguous data clusters from `cluster` on (at most `max`), checked; null: decode them one by one. */
+  dataRun?(cluster: number, max: number): { readonly host: number; readonly count: number } | null;
 }
 
 /**
@@ -35,10 +37,18 @@ export function mapHostRun(src: HostRunSource, offset: number, length: number): 
       const l2Offset = src.l1Offsets[Math.floor(cluster / g.l2Entries)] ?? 0;
       const table = l2Offset === 0 ? undefined : src.peekTable(l2Offset);
       if (table === undefined) break;
+      const inCluster = guest - cluster * g.clusterSize;
+      const run = src.dataRun?.(cluster, Math.ceil((inCluster + length - done) / g.clusterSize));
+      if (run) {
+        const at = run.host + inCluster;
+        if (host < 0) host = at;
+        else if (at !== host + done) break;
+        done += Math.min(length - done, run.count * g.clusterSize - inCluster);
+        continue;
+      }
       const e = decodeL2Entry(g, table, cluster % g.l2Entries, src.fileEnd);
       if (!e.hasHost || e.compressed) break;
       if (!g.externalData) src.checkDataCluster(e.hostOffset, cluster);
-      const inCluster = guest - cluster * g.clusterSize;
       let end = inCluster;
       const limit = Math.min(g.clusterSize, inCluster + (length - done));
       while (end < limit && subclusterStatus(e, Math.floor(end / g.subclusterSize)) === SUB_DATA) {
