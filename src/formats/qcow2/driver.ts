@@ -760,8 +760,7 @@ export class Qcow2Device implements BlockDevice {
     }
     await Promise.all([
       ...direct.map((d) => this.writeData(buf.subarray(d.from, d.to), d.host)),
-      ...plans.map(async (p) => {
-        if (p.spanStart === p.a && p.spanEnd === p.b) return;
+      ...plans.filter((p) => p.spanStart !== p.a || p.spanEnd !== p.b).map(async (p) => {
         const src = buf.subarray(p.cluster * cs + p.a - offset, p.cluster * cs + p.b - offset);
         const span = Buffer.allocUnsafe(p.spanEnd - p.spanStart);
         const base = p.cluster * cs + p.spanStart;
