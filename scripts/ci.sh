@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 peers=(qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
-       nbdsh:libnbd-bin nbdkit:nbdkit fio:fio openssl:openssl
+       nbdsh:libnbd-bin nbdkit:nbdkit nbd-client:nbd-client fio:fio openssl:openssl
        sfdisk:fdisk partx:util-linux blkid:util-linux mkswap:util-linux mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs
        mkfs.btrfs:btrfs-progs mkfs.vfat:dosfstools mksquashfs:squashfs-tools mkfs.erofs:erofs-utils cryptsetup:cryptsetup-bin
        mcopy:mtools debugfs:e2fsprogs e2fsck:e2fsprogs xfs_db:xfsprogs
