@@ -3,6 +3,7 @@
 // own refcount check must find no leaks and no corruption.
 
 import assert from 'node:assert/strict';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/block/device.js';
@@ -273,6 +274,39 @@ test('qcow2 driver: concurrent mixed requests on an extended-L2 overlay over a b
   const all = Buffer.alloc(4 * MiB);
   await dev.pread(all, 0);
   assert.ok(all.equals(model));
+  const chk = await dev.check();
+  assert.deepEqual([chk.corruptions, chk.leaks], [0, 0], chk.messages.join('\n'));
+  await dev.close();
+});
+
+test('qcow2 driver: a small write to a never-written cluster writes its bytes only; a reused cluster is padded with zeros', async (t) => {
+  const path = join(tempDir(t), 'fresh.qcow2');
+  const CS = 65536;
+  await createQcow2(path, { sizeBytes: 8 * MiB });
+  const dev = await open(path);
+  const small = Buffer.alloc(4096, 0xaa);
+  for (let c = 8; c < 24; c++) await dev.pwrite(small, c * CS + 4096);
+  await dev.flush();
+  const { size, blocks } = statSync(path);
+  // Sixteen clusters with 4 KiB of data each: most of their 60 KiB of padding was never written.
+  assert.ok(blocks * 512 <= size - 8 * CS, `${blocks * 512} bytes allocated of ${size}`);
+
+  // A cluster that held data, freed by a discard and handed out again, still reads zeros around a write.
+  await dev.pwrite(Buffer.alloc(CS, 0x55), 0);
+  const freed = dev.hostRun(0, CS)!.offset;
+  await dev.trim(0, CS);
+  await dev.flush();
+  await dev.pwrite(small, 30 * CS + 4096);
+  assert.equal(dev.hostRun(30 * CS + 4096, 4096)!.offset, freed + 4096, 'the freed cluster is reused');
+  const back = Buffer.alloc(CS);
+  await dev.pread(back, 30 * CS);
+  const want = Buffer.alloc(CS);
+  small.copy(want, 4096);
+  assert.ok(back.equals(want));
+  for (let c = 8; c < 24; c++) {
+    await dev.pread(back, c * CS);
+    assert.ok(back.equals(want), `cluster ${c}`);
+  }
   const chk = await dev.check();
   assert.deepEqual([chk.corruptions, chk.leaks], [0, 0], chk.messages.join('\n'));
   await dev.close();

@@ -736,14 +736,20 @@ export class Qcow2Device implements BlockDevice {
     }
 
     const toAllocate = plans.filter((p) => p.allocate);
+    // Host clusters from here on were never written: past the file's end when it was opened,
+    // and past every cluster allocated since (fileEnd only grows).
+    let neverWritten = Infinity;
     if (g.externalData) {
       // "The offset field in the Standard Cluster Descriptor must match the guest offset."
       for (const p of toAllocate) p.hostOffset = p.cluster * cs;
     } else if (toAllocate.length > 0) {
       await this.meta(async () => {
         await this.markDirtyIfLazy();
+        const fileEnd = this.state.fileEnd;
         const base = await this.refcounts.allocate(toAllocate.length);
         toAllocate.forEach((p, i) => (p.hostOffset = base + i * cs));
+        // A block device holds whatever was there before; a file reads zeros where it never had data.
+        if (!this.file.isBlockDevice) neverWritten = fileEnd;
         await this.extendFile();
       });
     }
@@ -762,6 +768,13 @@ export class Qcow2Device implements BlockDevice {
       ...direct.map((d) => this.writeData(buf.subarray(d.from, d.to), d.host)),
       ...plans.filter((p) => p.spanStart !== p.a || p.spanEnd !== p.b).map(async (p) => {
         const src = buf.subarray(p.cluster * cs + p.a - offset, p.cluster * cs + p.b - offset);
+        // The rest of a never-written cluster already reads as zeros, which is what the guest
+        // reads around [a, b) here: only the caller's bytes are written (as QEMU zeroes the
+        // cluster rather than copying zeros). A 4 KiB write to a fresh image writes 4 KiB, not 64.
+        if (p.hostOffset >= neverWritten && !g.extL2 && !p.old.hasHost && !p.old.compressed && (this.backing === null || p.old.zero !== 0)) {
+          await this.writeData(src, p.hostOffset + p.a);
+          return;
+        }
         const span = Buffer.allocUnsafe(p.spanEnd - p.spanStart);
         const base = p.cluster * cs + p.spanStart;
         if (p.a > p.spanStart) await this.readGuest(span.subarray(0, p.a - p.spanStart), base);
