@@ -61,6 +61,8 @@ export function buildProgram(): Command {
     .option('--handshake-timeout <seconds>', 'drop clients that do not finish the handshake in time', '10')
     .option('--poll-max-us <us>', 'when idle, watch the sockets this long before sleeping: lower latency for ' +
       'one-at-a-time clients, at the cost of CPU (0 = never; default 50, 0 on a single CPU)')
+    .option('--threads <n>', 'serve clients of raw images on up to N threads, the main one included ' +
+      '(default: one per core, up to --shared; 1 = all on one thread)')
     .option('--fork', 'go to the background once the server is ready')
     .option('--pid-file <path>', 'write the server pid here')
     .option('-v, --verbose', 'log connections')

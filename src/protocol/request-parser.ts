@@ -167,6 +167,12 @@ export class RequestParser {
     this.phaseValue = 'transmission';
   }
 
+  /** Remove and return everything buffered, at a message boundary: the stream goes on elsewhere. */
+  takeBuffered(): Buffer {
+    this.assertBoundary();
+    return Buffer.from(this.queue.consume(this.queue.length));
+  }
+
   /** Drop everything buffered: the byte stream is being replaced (STARTTLS). */
   reset(phase: ParserPhase): void {
     this.queue.clear();

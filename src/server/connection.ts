@@ -27,6 +27,7 @@ import {
 import { encodeServerGreeting } from '../protocol/handshake.js';
 import { RequestParser, type ClientMessage, type RequestMessage } from '../protocol/request-parser.js';
 import type { BufferPool } from './buffer-pool.js';
+import type { Lane, LaneLease } from './lanes.js';
 import { connectionFlags, type ExportTable, type ServedExport } from './exports.js';
 import type { Logger } from './logger.js';
 import type { MetaContext } from './meta-context.js';
@@ -86,9 +87,24 @@ export interface ConnectionHost {
   onClosed(conn: Connection): void;
   /** This connection read or finished a request (see IdlePoller). */
   onActivity(): void;
+  /** The lane thread to serve `conn`, a connection to `exp`, from here on; null keeps it on this thread. */
+  pickLane?(exp: ServedExport, conn: Connection): Lane | null;
 }
 
-type Phase = 'handshake' | 'upgrading' | 'transmission' | 'closing' | 'closed';
+/** 'elsewhere': a lane thread serves the connection (lanes.ts); this one stands in for it. */
+type Phase = 'handshake' | 'upgrading' | 'transmission' | 'closing' | 'elsewhere' | 'closed';
+
+/** A connection that starts in transmission (see the constructor). */
+export interface TransmissionStart {
+  readonly exp: ServedExport;
+  readonly structured: boolean;
+  /** Metadata contexts negotiated elsewhere (by the main thread, for a lane). */
+  readonly contexts?: readonly MetaContext[];
+  /** The transmission flags the client was given; computed from the export when absent. */
+  readonly flags?: number;
+  /** Requests already read from the socket. */
+  readonly initial?: Buffer;
+}
 
 const FUA: WriteOptions = Object.freeze({ fua: true });
 const ZERO_OPTS: readonly ZeroOptions[] = Array.from({ length: 8 }, (_, i) =>
@@ -162,13 +178,15 @@ export class Connection {
   private stallTimer: NodeJS.Timeout | undefined;
   private stallMark = -1;
   private closeReason = '';
+  /** The lane serving this connection (phase 'elsewhere'). */
+  private lease: LaneLease | null = null;
 
   /**
    * Start on `socket`, or on a connected socket descriptor this connection then owns (and
    * reads into its own buffers): with `transmission`, skip the handshake (the kernel client
    * talks transmission only) and serve that export at once.
    */
-  constructor(host: ConnectionHost, socketOrFd: Duplex | number, transmission?: { exp: ServedExport; structured: boolean }) {
+  constructor(host: ConnectionHost, socketOrFd: Duplex | number, transmission?: TransmissionStart) {
     this.host = host;
     this.limits = host.limits;
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
@@ -188,7 +206,12 @@ export class Connection {
     this.attach(socket);
     if (transmission) {
       this.negotiator = null;
-      this.enterTransmission(transmission.exp, transmission.structured, [], connectionFlags(transmission.exp, transmission.structured));
+      const { exp, structured } = transmission;
+      this.enterTransmission(exp, structured, transmission.contexts ?? [], transmission.flags ?? connectionFlags(exp, structured));
+      if (transmission.initial !== undefined && transmission.initial.length > 0) {
+        this.parser.push(transmission.initial);
+        this.pump();
+      }
     } else {
       this.negotiator = new Negotiator(host.exports, host.tlsMode, this.sendRaw);
       this.handshakeTimer = setTimeout(this.onHandshakeTimeout, this.limits.handshakeTimeoutMs);
@@ -199,6 +222,11 @@ export class Connection {
 
   get inTransmission(): boolean {
     return this.phase === 'transmission';
+  }
+
+  /** Served on this thread, past the handshake (a lane's load is counted against these). */
+  get servedHere(): boolean {
+    return this.phase === 'transmission' || this.phase === 'closing';
   }
 
   /**
@@ -341,6 +369,10 @@ export class Connection {
   /** Hard disconnect: one log line, the socket goes now. */
   destroy(reason: string, warn: boolean): void {
     if (this.phase === 'closed') return;
+    if (this.phase === 'elsewhere') {
+      this.lease!.close(reason, true);
+      return;
+    }
     if (warn) this.host.logger.warn(`connection ${this.id} (${this.peer}): ${reason}`);
     this.closeReason ||= reason;
     this.phase = 'closing';
@@ -355,6 +387,10 @@ export class Connection {
    */
   beginClose(reason: string): void {
     if (this.phase === 'closed') return;
+    if (this.phase === 'elsewhere') {
+      this.lease!.close(reason, false);
+      return;
+    }
     if (this.phase === 'handshake' || this.phase === 'upgrading') {
       this.destroy(reason, false);
       return;
@@ -524,9 +560,58 @@ export class Connection {
     this.vctx = { flags, maxPayloadBytes: exp.sizes.maximum, metaContexts: contexts.length };
     this.parser.enterTransmission();
     const fd = plainSocketFd(this.socket);
-    if (fd >= 0 && this.negotiator !== null && this.socket instanceof Socket) this.moveToOwnSocket(this.socket, fd);
-    else this.useSocketFd(fd);
+    if (fd >= 0 && this.negotiator !== null && this.socket instanceof Socket) {
+      const lane = this.host.pickLane?.(exp, this) ?? null;
+      if (lane !== null) this.moveToLane(this.socket, fd, lane, contexts, flags);
+      else this.moveToOwnSocket(this.socket, fd);
+    } else {
+      this.useSocketFd(fd);
+    }
   }
+
+  /**
+   * Hand the connection to `lane` (see lanes.ts): once the handshake's last reply has left, the
+   * lane gets a duplicate of the socket and the requests already read; this thread's socket
+   * closes, and this object stands in for the connection until the lane reports it over.
+   */
+  private moveToLane(old: Socket, fd: number, lane: Lane, contexts: readonly MetaContext[], flags: number): void {
+    this.rehoming = true;
+    old.pause();
+    const move = (): void => {
+      this.rehoming = false;
+      if (this.phase !== 'transmission' || old.destroyed) return;
+      let dup: number;
+      try {
+        dup = duplicateFd(fd);
+      } catch (e) {
+        this.host.logger.warn(`connection ${this.id}: serving it on the main thread: ${(e as Error).message}`);
+        this.useSocketFd(fd);
+        this.pump();
+        return;
+      }
+      const initial = [this.parser.takeBuffered()];
+      for (let c = old.read() as Buffer | null; c !== null; c = old.read() as Buffer | null) initial.push(c);
+      this.detach(old);
+      old.on('error', () => {});
+      old.destroy();
+      this.phase = 'elsewhere';
+      this.clearTimers();
+      this.host.logger.info(`connection ${this.id}: served on thread ${lane.index}`);
+      const exp = this.exp!;
+      this.lease = lane.handOff(
+        { fd: dup, exportName: exp.name, structured: this.structured, contexts, flags, initial: Buffer.concat(initial) },
+        this.onLaneClosed,
+      );
+    };
+    if (old.writableLength === 0) move();
+    else old.write(EMPTY, move);
+  }
+
+  private readonly onLaneClosed = (): void => {
+    this.phase = 'closed';
+    this.host.onClosed(this);
+    this.resolveClosed();
+  };
 
   private useSocketFd(fd: number): void {
     this.spliceFd = fd >= 0 && this.socket instanceof Socket && this.ownsReads ? fd : -1;

@@ -31,6 +31,12 @@ export interface ExportConfig {
    * open more connections would be refused.
    */
   readonly multiConn?: boolean;
+  /**
+   * How another thread opens this image for itself, for the server's lanes (lanes.ts): given
+   * only where every layer keeps no state of its own, so that writes through either open are
+   * seen at once through the other. Structured-cloned; the lanes' entry script reads it.
+   */
+  readonly reopen?: unknown;
 }
 
 export interface ServedExport {

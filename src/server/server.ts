@@ -17,6 +17,8 @@ import { UsageError } from '../errors.js';
 import { BufferPool } from './buffer-pool.js';
 import { Connection, DEFAULT_CONNECTION_LIMITS, type ConnectionHost, type ConnectionLimits } from './connection.js';
 import { connectionFlags, ExportTable, type ExportConfig } from './exports.js';
+import { TransmissionLanes } from './lanes.js';
+import type { MetaContext } from './meta-context.js';
 import { checkPollMaxUs, IdlePoller } from './idle-poller.js';
 import { SILENT_LOGGER, type Logger } from './logger.js';
 import type { TlsMode } from './negotiation.js';
@@ -41,11 +43,24 @@ export interface NbdServerOptions {
    * sleeping (see IdlePoller). Default 0: never (see defaultPollMaxUs).
    */
   readonly pollMaxUs?: number;
+  /**
+   * Serve connections to the exports that have `reopen` on up to `threads` more threads (see
+   * lanes.ts); `entry` is the threads' script. Default: everything on this thread.
+   */
+  readonly lanes?: { readonly entry: URL; readonly threads: number };
 }
 
 export interface ServeTransmissionOptions {
   /** The kernel client speaks simple replies only. */
   readonly structuredReplies?: boolean;
+}
+
+/** Where the handshake left a connection that another thread takes over (see lanes.ts). */
+export interface AdoptedTransmission {
+  readonly structured: boolean;
+  readonly contexts: readonly MetaContext[];
+  readonly flags: number;
+  readonly initial: Buffer;
 }
 
 export class NbdServer extends EventEmitter {
@@ -63,6 +78,7 @@ export class NbdServer extends EventEmitter {
   private closing: Promise<void> | undefined;
   private readonly host: ConnectionHost;
   private readonly poller: IdlePoller;
+  private readonly lanes: TransmissionLanes | null = null;
 
   constructor(opts: NbdServerOptions) {
     super();
@@ -86,7 +102,25 @@ export class NbdServer extends EventEmitter {
       upgradeTls: (raw: Duplex): TLSSocket => upgradeToTls(raw, creds!),
       onClosed: (conn: Connection) => this.onConnectionClosed(conn),
       onActivity: () => this.poller.activity(),
+      pickLane: (exp, conn) => this.lanes?.pick(exp.name, this.servedHere(conn)) ?? null,
     };
+    const shared = opts.exports.filter((e) => e.reopen !== undefined);
+    if (opts.lanes !== undefined && opts.lanes.threads > 0 && shared.length > 0) {
+      this.lanes = new TransmissionLanes({
+        entry: opts.lanes.entry,
+        threads: opts.lanes.threads,
+        exports: shared.map((e) => ({ name: e.name, description: e.description, readOnly: e.readOnly, multiConn: e.multiConn ?? true, reopen: e.reopen })),
+        limits: this.limits,
+        logger: this.logger,
+      });
+    }
+  }
+
+  /** Connections past their handshake on this thread, besides `asking`. */
+  private servedHere(asking: Connection): number {
+    let n = 0;
+    for (const c of this.connections) if (c.servedHere && c !== asking) n++;
+    return n;
   }
 
   get connectionCount(): number {
@@ -129,6 +163,18 @@ export class NbdServer extends EventEmitter {
     const conn = new Connection(this.host, socket, { exp, structured: opts.structuredReplies ?? false });
     this.track(conn);
     return conn.closed;
+  }
+
+  /**
+   * Serve a connection whose handshake another thread did (lanes.ts), from its socket
+   * descriptor (which the server then owns).
+   */
+  adopt(fd: number, exportName: string, t: AdoptedTransmission): Connection {
+    const exp = this.exportTable.lookup(exportName);
+    if (exp === undefined) throw new UsageError(`no export named ${JSON.stringify(exportName)}`);
+    const conn = new Connection(this.host, fd, { exp, ...t });
+    this.track(conn);
+    return conn;
   }
 
   /**
@@ -179,6 +225,7 @@ export class NbdServer extends EventEmitter {
         this.logger.error(`flushing export ${JSON.stringify(exp.name)} on shutdown: ${(e as Error).message}`);
       }
     }
+    await this.lanes?.close();
     this.emit('close');
   }
 }

@@ -2,13 +2,15 @@
 
 import { spawn } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { basename, join, resolve } from 'node:path';
+import { availableParallelism, tmpdir } from 'node:os';
+import { basename, extname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { BlockDevice } from '../../block/device.js';
 import { openOverlay } from '../../block/filters/overlay.js';
 import { offsetFilter } from '../../block/filters/offset.js';
 import { UsageError } from '../../errors.js';
 import { openImageWithFormat } from '../../formats/open.js';
+import { RawDevice } from '../../formats/raw/driver.js';
 import { listenInherited, listenTcp, listenUnix, NBD_DEFAULT_PORT, type Listener } from '../../server/listen.js';
 import type { Logger } from '../../server/logger.js';
 import type { TlsMode } from '../../server/negotiation.js';
@@ -16,6 +18,7 @@ import { defaultPollMaxUs, MAX_POLL_US } from '../../server/idle-poller.js';
 import { NbdServer } from '../../server/server.js';
 import { loadPsk, loadX509Dir, type TlsCredentials } from '../../server/tls.js';
 import { parseCount, parseSize } from '../parse.js';
+import type { RawReopen } from '../serve-lane.js';
 
 interface ServeOptions {
   format?: string;
@@ -36,6 +39,7 @@ interface ServeOptions {
   tlsPsk?: string;
   handshakeTimeout: string;
   pollMaxUs?: string;
+  threads?: string;
   fork?: boolean;
   pidFile?: string;
   verbose?: boolean;
@@ -76,7 +80,13 @@ function tlsConfig(o: ServeOptions): { mode: TlsMode; credentials?: TlsCredentia
   return { mode, credentials };
 }
 
-async function openExportDevice(path: string, o: ServeOptions): Promise<BlockDevice> {
+interface ExportDevice {
+  readonly device: BlockDevice;
+  /** How a connection thread opens the same image (serve-lane.ts); absent when it cannot. */
+  readonly reopen?: RawReopen;
+}
+
+async function openExportDevice(path: string, o: ServeOptions): Promise<ExportDevice> {
   const readOnly = ((o.readOnly ?? false) || o.loadSnapshot !== undefined) && !o.snapshot;
   const extra = {
     ...(o.loadSnapshot !== undefined ? { snapshot: o.loadSnapshot } : {}),
@@ -88,13 +98,25 @@ async function openExportDevice(path: string, o: ServeOptions): Promise<BlockDev
     throw new UsageError(`-l loads a qcow2 internal snapshot, but ${path} is ${opened.format}`);
   }
   let dev = opened.device;
+  let window: RawReopen['window'];
   if (o.offset !== undefined || o.size !== undefined) {
     const offsetBytes = o.offset !== undefined ? parseSize(o.offset, 'offset') : 0;
     const sizeBytes = o.size !== undefined ? parseSize(o.size, 'size') : undefined;
     dev = offsetFilter(dev, { offsetBytes, sizeBytes });
+    window = sizeBytes === undefined ? { offsetBytes } : { offsetBytes, sizeBytes };
   }
-  if (o.snapshot) dev = await openOverlay(dev, {});
-  return dev;
+  // An overlay's map lives in this thread's memory: its image cannot be served from another.
+  if (o.snapshot) return { device: await openOverlay(dev, {}) };
+  if (!(opened.device instanceof RawDevice)) return { device: dev };
+  const reopen: RawReopen = { fd: opened.device.descriptor, readOnly, probedRaw: opened.probed, ...(window && { window }) };
+  return { device: dev, reopen };
+}
+
+/** --threads: how many threads besides the main one serve connections. */
+function laneThreads(o: ServeOptions, maxConnections: number): number {
+  if (o.threads !== undefined) return parseCount(o.threads, '--threads', 1, 256) - 1;
+  // One client needs no second thread, nor do more than the cores can run at once.
+  return Math.max(0, Math.min(availableParallelism(), maxConnections) - 1);
 }
 
 /** --fork: run the server as a detached child and return once it reports that it listens. */
@@ -135,15 +157,17 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
   const handshakeTimeoutMs = parseCount(o.handshakeTimeout, '--handshake-timeout', 1, 3600) * 1000;
   if (o.loadSnapshot !== undefined && o.format !== undefined && o.format !== 'qcow2') throw new UsageError(`-l loads a qcow2 internal snapshot; -f ${o.format} images have none`);
   const tls = tlsConfig(o);
+  const threads = laneThreads(o, maxConnections);
   const logger = stderrLogger(o.verbose ?? false);
 
-  const devices: BlockDevice[] = [];
+  const opened: ExportDevice[] = [];
   try {
-    for (const image of images) devices.push(await openExportDevice(image, o));
+    for (const image of images) opened.push(await openExportDevice(image, o));
   } catch (e) {
-    await Promise.allSettled(devices.map((d) => d.close()));
+    await Promise.allSettled(opened.map((d) => d.device.close()));
     throw e;
   }
+  const devices = opened.map((d) => d.device);
   const server = new NbdServer({
     exports: images.map((image, i) => ({
       name: names[i] ?? (images.length === 1 ? '' : basename(image)),
@@ -151,6 +175,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
       device: devices[i]!,
       readOnly: ((o.readOnly ?? false) || o.loadSnapshot !== undefined) && !o.snapshot,
       multiConn: maxConnections > 1,
+      reopen: opened[i]!.reopen,
     })),
     logger,
     maxConnections,
@@ -158,6 +183,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
     tls,
     limits: { handshakeTimeoutMs },
     pollMaxUs: o.pollMaxUs === undefined ? defaultPollMaxUs() : parseCount(o.pollMaxUs, '--poll-max-us', 0, MAX_POLL_US),
+    lanes: { entry: new URL(`../serve-lane${extname(fileURLToPath(import.meta.url))}`, import.meta.url), threads },
   });
 
   const listeners: Listener[] = await listenInherited(server);

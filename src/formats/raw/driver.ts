@@ -94,6 +94,11 @@ export class RawDevice implements BlockDevice {
     this.sizes = { minimum, preferred, maximum: DEFAULT_BLOCK_SIZES.maximum };
   }
 
+  /** The open file, for a thread that opens the same image for itself. */
+  get descriptor(): number {
+    return this.fd;
+  }
+
   capabilities(): Capabilities {
     return this.caps;
   }
