@@ -83,8 +83,35 @@ test('lanes: a second client is served on another thread and sees what the first
 
   await b.disconnect();
   await waitFor(() => srv.server.connectionCount === 1, 5000, 'the lane connection to be counted closed');
-  await srv.server.close();
+
+  // Shutting down while a write's payload is half here on the lane: the write completes and is
+  // answered, then the connection closes, then close() resolves.
+  const c = await rawTransmissionClient(srv.socketPath);
+  await waitFor(() => servedOnLane(srv) === 2, 5000, 'the raw client to move');
+  const replies: Buffer[] = [];
+  c.on('data', (d: Buffer) => replies.push(d));
+  const last = randomBytes(MiB);
+  const header = Buffer.alloc(28);
+  header.writeUInt32BE(0x25609513, 0);
+  header.writeUInt16BE(1, 6); // NBD_CMD_WRITE
+  header.writeBigUInt64BE(9n, 8);
+  header.writeBigUInt64BE(0n, 16);
+  header.writeUInt32BE(last.length, 24);
+  c.write(Buffer.concat([header, last.subarray(0, last.length / 2)]));
+  await new Promise((r) => setTimeout(r, 200));
+  let closed = false;
+  const closing = srv.server.close().then(() => (closed = true));
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(closed, false, 'close() waits for the write in flight');
+  c.write(last.subarray(last.length / 2));
+  await closing;
+  await waitFor(() => c.destroyed || c.readableEnded, 5000, 'the connection to close');
+  const r = Buffer.concat(replies);
+  assert.equal(r.length, 16, 'one reply, then the end');
+  assert.equal(r.readUInt32BE(4), 0, 'the write succeeded');
+  assert.equal(r.readBigUInt64BE(8), 9n);
   assert.equal(srv.server.connectionCount, 0);
+  assert.ok(readFileSync(img).subarray(0, last.length).equals(last), 'the write is in the file');
 });
 
 test('lanes: requests sent with the handshake reach the lane; --offset/--size apply there too', async (t) => {
@@ -172,7 +199,10 @@ async function rawTransmissionClient(path: string): Promise<Socket> {
   await once(s, 'connect');
   s.on('error', () => {});
   let n = 0;
-  s.on('data', (d: Buffer) => (n += d.length));
+  const count = (d: Buffer): void => {
+    n += d.length;
+  };
+  s.on('data', count);
   await waitFor(() => n >= 18, 5000, 'the greeting');
   const hello = Buffer.alloc(20);
   hello.writeUInt32BE(3, 0);
@@ -180,6 +210,7 @@ async function rawTransmissionClient(path: string): Promise<Socket> {
   hello.writeUInt32BE(1, 12);
   s.write(hello);
   await waitFor(() => n >= 28, 5000, 'the export info');
+  s.off('data', count);
   return s;
 }
 
