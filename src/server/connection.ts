@@ -575,36 +575,13 @@ export class Connection {
    * closes, and this object stands in for the connection until the lane reports it over.
    */
   private moveToLane(old: Socket, fd: number, lane: Lane, contexts: readonly MetaContext[], flags: number): void {
-    this.rehoming = true;
-    old.pause();
-    const move = (): void => {
-      this.rehoming = false;
-      if (this.phase !== 'transmission' || old.destroyed) return;
-      let dup: number;
-      try {
-        dup = duplicateFd(fd);
-      } catch (e) {
-        this.host.logger.warn(`connection ${this.id}: serving it on the main thread: ${(e as Error).message}`);
-        this.useSocketFd(fd);
-        this.pump();
-        return;
-      }
-      const initial = [this.parser.takeBuffered()];
-      for (let c = old.read() as Buffer | null; c !== null; c = old.read() as Buffer | null) initial.push(c);
-      this.detach(old);
-      old.on('error', () => {});
-      old.destroy();
+    this.rehome(old, fd, (dup) => {
       this.phase = 'elsewhere';
       this.clearTimers();
       this.host.logger.info(`connection ${this.id}: served on thread ${lane.index}`);
-      const exp = this.exp!;
-      this.lease = lane.handOff(
-        { fd: dup, exportName: exp.name, structured: this.structured, contexts, flags, initial: Buffer.concat(initial) },
-        this.onLaneClosed,
-      );
-    };
-    if (old.writableLength === 0) move();
-    else old.write(EMPTY, move);
+      const serve = { fd: dup, exportName: this.exp!.name, structured: this.structured, contexts, flags, initial: this.parser.takeBuffered() };
+      this.lease = lane.handOff(serve, this.onLaneClosed);
+    });
   }
 
   private readonly onLaneClosed = (): void => {
@@ -635,14 +612,31 @@ export class Connection {
    * has already sent stay in the kernel, or in the old socket's buffer, and are carried over.
    */
   private moveToOwnSocket(old: Socket, fd: number): void {
+    this.rehome(old, fd, (dup) => {
+      const own = this.ownSocket(dup);
+      this.socket = own;
+      this.replies.retarget(own);
+      this.paused = false;
+      this.attach(own);
+      this.useSocketFd(plainSocketFd(own));
+      this.pump();
+    });
+  }
+
+  /**
+   * Once the handshake's last reply has left `old`, hand a duplicate of its descriptor to
+   * `carryOn` and retire `old`, what it had read going to the parser. Nothing is read meanwhile.
+   * Should the descriptor not duplicate, the connection stays on `old`.
+   */
+  private rehome(old: Socket, fd: number, carryOn: (dup: number) => void): void {
     this.rehoming = true;
     old.pause();
     const move = (): void => {
       this.rehoming = false;
       if (this.phase !== 'transmission' || old.destroyed) return;
-      let own: Socket;
+      let dup: number;
       try {
-        own = this.ownSocket(duplicateFd(fd));
+        dup = duplicateFd(fd);
       } catch (e) {
         this.host.logger.warn(`connection ${this.id}: staying on the accepted socket: ${(e as Error).message}`);
         this.useSocketFd(fd);
@@ -653,12 +647,7 @@ export class Connection {
       this.detach(old);
       old.on('error', () => {});
       old.destroy();
-      this.socket = own;
-      this.replies.retarget(own);
-      this.paused = false;
-      this.attach(own);
-      this.useSocketFd(plainSocketFd(own));
-      this.pump();
+      carryOn(dup);
     };
     if (old.writableLength === 0) move();
     else old.write(EMPTY, move);
