@@ -255,7 +255,9 @@ export class RequestParser {
       const take = this.limits.takePayload;
       if (take !== undefined && this.queue.length < req.length && take(req.offset, req.length, req.flags)) {
         const taken = this.queue.length === 0 ? EMPTY : this.queue.consume(this.queue.length);
-        this.viewsOut++;
+        // Only a view into a read buffer keeps it from being reused (the usual case, a header
+        // read alone, hands out none).
+        if (taken.length > 0) this.viewsOut++;
         this.lastFilled = true;
         return { kind: 'request', ...req, payload: undefined, oversized: false, taken };
       }

@@ -160,3 +160,16 @@ test('property: payloads the consumer takes come out whole, with the messages ar
     { numRuns: 300 },
   );
 });
+
+test('a taken write read with nothing of its payload hands out no view: the read buffer may be reused', () => {
+  const p = new RequestParser('transmission', { allocPayload: (n) => Buffer.alloc(n), takePayload: () => true });
+  const before = p.viewsOut;
+  p.push(writeHeader(262_144));
+  const alone = p.next() as RequestMessage;
+  assert.equal(alone.taken!.length, 0);
+  assert.equal(p.viewsOut, before, 'a header read alone leaves its buffer free');
+  p.push(Buffer.concat([writeHeader(262_144, 8), Buffer.alloc(100, 1)]));
+  const withBytes = p.next() as RequestMessage;
+  assert.equal(withBytes.taken!.length, 100);
+  assert.equal(p.viewsOut, before + 1, 'payload bytes handed out are a view into the read buffer');
+});
