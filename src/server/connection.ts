@@ -803,7 +803,7 @@ export class Connection {
     try {
       if (w.error !== null) throw w.error;
       if (w.fua) await this.exp!.backend.flush();
-      if (this.writable) this.replies.simpleOk(w.cookie);
+      if (this.writable) this.replies.simpleOkNow(w.cookie, this.sockFd);
     } catch (e) {
       this.runner!.failed(w.cookie, NBD_CMD.WRITE, e);
     } finally {

@@ -93,6 +93,31 @@ export class ReplyWriter {
     this.send(b);
   }
 
+  /**
+   * A simple success reply sent to `sockFd` here and now when nothing is queued before it: for
+   * a large write spliced into a file, whose reply seldom has company in its turn of the event
+   * loop, so the stream's queue and the batch's deferred writev would cost more than the
+   * send(2). Otherwise, or when the socket is full, as simpleOk.
+   */
+  simpleOkNow(cookie: bigint, sockFd: number): void {
+    const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
+    encodeSimpleReply(b, 0, 0, cookie);
+    if (sockFd >= 0 && this.out.writableLength === 0) {
+      let sent = 0;
+      try {
+        sent = sendNow(sockFd, b, false);
+      } catch {
+        // The stream meets the same error on its next write and closes the connection.
+      }
+      if (sent === b.length) return;
+      if (sent > 0) {
+        this.send(b.subarray(sent));
+        return;
+      }
+    }
+    this.send(b);
+  }
+
   /** An error reply: a structured ERROR chunk with a message when negotiated, else a simple reply. */
   error(cookie: bigint, errno: NbdErrno, message: string, structured: boolean): void {
     const value = NBD_ERRNO[errno];

@@ -4,9 +4,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readSync } from 'node:fs';
 import { Writable } from 'node:stream';
 import { BufferPool } from '../../src/server/buffer-pool.js';
 import { ReplyWriter } from '../../src/server/replies.js';
+import { closeFd, socketPair } from '../../src/sys/socket.js';
 
 /** Each element: the replies (16 bytes each) one write or writev carried. */
 function recordingSocket(): { out: Writable; calls: number[] } {
@@ -49,4 +51,34 @@ test('a reply that cannot have company leaves at once; one that can still waits 
   assert.deepEqual(calls, [1]);
   await nextTurn();
   assert.deepEqual(calls, [1, 2]);
+});
+
+test('a spliced write\'s reply goes straight to the socket when nothing is queued, else behind what is', async (t) => {
+  const [ours, theirs] = socketPair();
+  t.after(() => {
+    closeFd(ours);
+    closeFd(theirs);
+  });
+  const { out, calls } = recordingSocket();
+  const replies = new ReplyWriter(out, new BufferPool());
+  replies.simpleOkNow(5n, ours);
+  assert.deepEqual(calls, [], 'the stream is not used');
+  const got = Buffer.alloc(64);
+  assert.equal(readSync(theirs, got, 0, 64, null), 16);
+  assert.equal(got.readUInt32BE(0), 0x67446698);
+  assert.equal(got.readUInt32BE(4), 0);
+  assert.equal(got.readBigUInt64BE(8), 5n);
+
+  // Something waits in the stream: the reply must not overtake it.
+  out.cork();
+  out.write(Buffer.alloc(16));
+  replies.simpleOkNow(6n, ours);
+  out.uncork();
+  await nextTurn();
+  assert.deepEqual(calls, [2], 'both left through the stream, in order');
+
+  // No socket to send to (TLS): the stream, as simpleOk.
+  replies.simpleOkNow(7n, -1);
+  await nextTurn();
+  assert.deepEqual(calls, [2, 1]);
 });
