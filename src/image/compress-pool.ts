@@ -4,9 +4,9 @@
 // both shared memory: a batch crosses threads as a few numbers, with no copy and no allocation.
 
 import { availableParallelism } from 'node:os';
-import { createRequire } from 'node:module';
 import type { Worker } from 'node:worker_threads';
 import { ImgbdError } from '../errors.js';
+import { siblingModule, startWorker } from '../util/start-worker.js';
 
 export interface CompressRequest {
   readonly id: number;
@@ -45,19 +45,6 @@ interface Slot {
   busy: number;
 }
 
-/**
- * The worker runs from the same tree as this module: .js once built; under tsx (tests, running
- * from source) the loader does not reach worker threads, so the worker registers it first.
- */
-function startWorker(): Worker {
-  // Loaded with the first pool: conversions without -c never start a thread.
-  const { Worker } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
-  if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./compress-worker.js', import.meta.url));
-  const api = import.meta.resolve('tsx/esm/api');
-  const body = new URL('./compress-worker.ts', import.meta.url).href;
-  return new Worker(`import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(body)}); });`, { eval: true });
-}
-
 export class CompressPool {
   private readonly slots: Slot[] = [];
   private readonly pending = new Map<number, { resolve: (lengths: readonly number[]) => void; reject: (e: Error) => void; slot: Slot }>();
@@ -65,7 +52,7 @@ export class CompressPool {
 
   constructor(threads = availableParallelism()) {
     for (let i = 0; i < Math.max(1, threads); i++) {
-      const slot: Slot = { worker: startWorker(), busy: 0 };
+      const slot: Slot = { worker: startWorker(siblingModule('compress-worker', import.meta.url)), busy: 0 };
       slot.worker.on('message', (r: CompressReply) => this.settle(r));
       slot.worker.on('error', (err) => this.failAll(slot, err));
       this.slots.push(slot);

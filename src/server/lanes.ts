@@ -1,5 +1,5 @@
 // Lanes: threads that serve connections once their handshake is done, so that the requests of
-// several clients (nbdcopy opens four connections to a multi-conn export) run on several cores,
+// several clients (nbdcopy opens one connection per thread to a multi-conn export) run on several cores,
 // as nbdkit's threads do. One event loop moving write payloads into the page cache keeps one
 // core busy; a second client then waits for it while the other core idles.
 //
@@ -12,11 +12,11 @@
 // graceful shutdown still count and close every connection.
 
 import { closeSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import type { Worker } from 'node:worker_threads';
 import type { ConnectionLimits } from './connection.js';
 import type { FromLane, LaneExport, LaneServe, ToLane } from './lane-messages.js';
 import type { Logger } from './logger.js';
+import { startWorker } from '../util/start-worker.js';
 
 export interface LanesOptions {
   /** The lane threads' script (it calls runLane with an opener that understands `reopen`). */
@@ -156,18 +156,6 @@ export class TransmissionLanes {
   async close(): Promise<void> {
     await Promise.all(this.lanes.map((l) => l.exit()));
   }
-}
-
-/**
- * The thread runs `entry` from the same tree as this module: .js once built; under tsx (running
- * from source) the loader does not reach worker threads, so the thread registers it first.
- */
-function startWorker(entry: URL, workerData: unknown): Worker {
-  const { Worker } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
-  if (!entry.pathname.endsWith('.ts')) return new Worker(entry, { workerData });
-  const api = import.meta.resolve('tsx/esm/api');
-  const body = `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry.href)}); });`;
-  return new Worker(body, { eval: true, workerData });
 }
 
 function closeQuietly(fd: number): void {

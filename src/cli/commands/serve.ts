@@ -3,8 +3,7 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
-import { basename, extname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { basename, join, resolve } from 'node:path';
 import type { BlockDevice } from '../../block/device.js';
 import { openOverlay } from '../../block/filters/overlay.js';
 import { offsetFilter } from '../../block/filters/offset.js';
@@ -19,6 +18,7 @@ import { NbdServer } from '../../server/server.js';
 import { loadPsk, loadX509Dir, type TlsCredentials } from '../../server/tls.js';
 import { parseCount, parseSize } from '../parse.js';
 import type { RawReopen } from '../serve-lane.js';
+import { siblingModule } from '../../util/start-worker.js';
 
 interface ServeOptions {
   format?: string;
@@ -183,7 +183,7 @@ export async function run(images: string[], opts: Record<string, unknown>): Prom
     tls,
     limits: { handshakeTimeoutMs },
     pollMaxUs: o.pollMaxUs === undefined ? defaultPollMaxUs() : parseCount(o.pollMaxUs, '--poll-max-us', 0, MAX_POLL_US),
-    lanes: { entry: new URL(`../serve-lane${extname(fileURLToPath(import.meta.url))}`, import.meta.url), threads },
+    lanes: { entry: siblingModule('../serve-lane', import.meta.url), threads },
   });
 
   const listeners: Listener[] = await listenInherited(server);
