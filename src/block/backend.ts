@@ -204,6 +204,14 @@ export class Backend implements BlockDevice {
     return this.next.hostWriteRun(offset, length);
   }
 
+  /** The synchronous write fast path; FUA and anything pwrite would refuse go to pwrite instead. */
+  writeNow(buf: Buffer, offset: number, opts?: WriteOptions): boolean {
+    const len = buf.length;
+    if (this.next.writeNow === undefined || opts?.fua === true || len === 0 || len > this.sizes.maximum) return false;
+    if (this.checkMutation('write', offset, len, false, 'ENOSPC') !== null) return false;
+    return this.next.writeNow(buf, offset);
+  }
+
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const len = buf.length;
     const fua = opts?.fua === true;

@@ -109,6 +109,12 @@ export interface BlockDevice {
    */
   hostWriteRun?(offset: number, length: number): HostRun | null;
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
+  /**
+   * Optional fast path: write `buf` synchronously when all it takes is a buffered write into a
+   * host file (no allocation, no metadata, nothing queued that it could overtake) and return
+   * true; return false when the caller must use pwrite (which may then write the range again).
+   */
+  writeNow?(buf: Buffer, offset: number): boolean;
   flush?(): Promise<void>;
   trim?(offset: number, length: number, opts?: WriteOptions): Promise<void>;
   zero?(offset: number, length: number, opts?: ZeroOptions): Promise<void>;

@@ -190,6 +190,15 @@ export class HostFile {
     this.allocatedBelow = 0;
   }
 
+  /**
+   * Write all of buf at `offset` on this thread, now (a small write into the page cache takes
+   * microseconds, a thread-pool round trip longer); throws what write(2) reports.
+   */
+  pwriteNow(buf: Buffer, offset: number): void {
+    if (this.readOnly) throw new RequestError('EPERM', `${this.path} is open read-only`);
+    this.pwriteHere(buf, offset);
+  }
+
   private pwriteHere(buf: Buffer, offset: number): void {
     for (let done = 0; done < buf.length; ) done += writeSync(this.fd, buf, done, buf.length - done, offset + done);
   }

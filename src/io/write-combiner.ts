@@ -35,6 +35,7 @@ export class WriteCombiner {
   private queue: Run[] = [];
   /** End offsets of runs in the thread pool: a run starting there waits for it. */
   private readonly inFlightEnds = new Set<number>();
+  private readonly inFlightRuns = new Set<Run>();
   private inFlight = 0;
   private largeInFlight = 0;
   private scheduled = false;
@@ -72,6 +73,17 @@ export class WriteCombiner {
     });
   }
 
+  /**
+   * A write of [offset, offset + length) waits here or is in the thread pool: a write made
+   * elsewhere now could land before it.
+   */
+  overlaps(offset: number, length: number): boolean {
+    const end = offset + length;
+    for (const run of this.queue) if (run.offset < end && offset < run.offset + run.bytes) return true;
+    for (const run of this.inFlightRuns) if (run.offset < end && offset < run.offset + run.bytes) return true;
+    return false;
+  }
+
   private readonly onTurnEnd = (): void => {
     this.scheduled = false;
     this.issueReady();
@@ -99,11 +111,13 @@ export class WriteCombiner {
     this.inFlight++;
     if (large) this.largeInFlight++;
     this.inFlightEnds.add(end);
+    this.inFlightRuns.add(run);
     if (large) this.reserve?.(run.offset, run.bytes);
     this.writeRun(run.bufs, run.offset, (err) => {
       this.inFlight--;
       if (large) this.largeInFlight--;
       this.inFlightEnds.delete(end);
+      this.inFlightRuns.delete(run);
       for (const w of run.waiters) {
         if (err) w.reject(err);
         else w.resolve();

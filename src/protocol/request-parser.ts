@@ -93,9 +93,9 @@ export class RequestParser {
   /** The payload of pendingWrite being filled in place, and how much of it has arrived. */
   private fill: { owner: Buffer; payload: Buffer; at: number } | null = null;
   /**
-   * Write payloads handed out as views into pushed chunks, ever: while it is unchanged and
-   * nothing is buffered, no chunk pushed before is referenced any more and its memory may be
-   * reused for the next read.
+   * Write payloads handed out as views into pushed chunks and not given back (returnView):
+   * while it is unchanged and nothing is buffered, no chunk pushed before is referenced any
+   * more and its memory may be reused for the next read.
    */
   viewsOut = 0;
   /** The last message was a large write (filled in place or taken): the stream is probably one of them. */
@@ -284,6 +284,11 @@ export class RequestParser {
     const payload = owner.subarray(owner.length - pending.length);
     this.queue.copyOut(payload, 0, pending.length);
     return { ...pending, payload, payloadOwner: owner };
+  }
+
+  /** The payload last handed out as a view (no payloadOwner) is no longer referenced. */
+  returnView(): void {
+    this.viewsOut--;
   }
 
   private startFill(length: number): void {

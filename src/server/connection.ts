@@ -685,7 +685,8 @@ export class Connection {
         return;
       case NBD_CMD.WRITE:
         this.start(length);
-        void runner.simple(cookie, type, length, backend.pwrite(m.payload!, offset, fua), m.payloadOwner);
+        // A payload read into the socket's buffer and written already: the buffer may be read into again.
+        if (runner.write(cookie, offset, m.payload!, fua, m.payloadOwner) && m.payloadOwner === undefined) this.parser.returnView();
         return;
       case NBD_CMD.FLUSH:
         this.start(0);

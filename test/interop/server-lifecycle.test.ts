@@ -91,8 +91,10 @@ test('close() finishes in-flight writes, flushes, and is not held up by a stalle
   let releaseWrite: (() => void) | undefined;
   let writeStartedResolve!: () => void;
   const writeStarted = new Promise<void>((resolve) => (writeStartedResolve = resolve));
-  // A device whose writes wait until the test lets them go, and which counts flushes.
+  // A device whose writes wait until the test lets them go (none written here and now), and
+  // which counts flushes.
   const slow: BlockDevice = Object.assign(Object.create(raw) as BlockDevice, {
+    writeNow: undefined,
     pwrite: async (buf: Buffer, off: number) => {
       writeStartedResolve();
       await new Promise<void>((r) => (releaseWrite = r));

@@ -63,6 +63,11 @@ class OffsetDevice implements BlockDevice {
     return this.next.hostWriteRun(offset + this.base, length);
   }
 
+  writeNow(buf: Buffer, offset: number): boolean {
+    if (this.next.writeNow === undefined || offset < 0 || offset + buf.length > this.sizeBytes) return false;
+    return this.next.writeNow(buf, offset + this.base);
+  }
+
   pwrite?(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     const e = this.outside(offset, buf.length, true);
     return e ? Promise.reject(e) : this.next.pwrite!(buf, offset + this.base, opts);

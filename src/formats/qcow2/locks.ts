@@ -48,6 +48,12 @@ export class RangeLock {
     }
   }
 
+  /** Nobody holds or waits for any of clusters [first, last]. */
+  idle(first: number, last: number): boolean {
+    for (const o of this.queue) if (o.first <= last && first <= o.last) return false;
+    return true;
+  }
+
   private wakeGrantable(): void {
     for (const w of this.queue) {
       if (!w.granted && w.wake && this.grantable(w)) {

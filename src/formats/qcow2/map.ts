@@ -155,8 +155,9 @@ export interface DataRun {
  * so a caller that stops at the first entry not taken leaves the rest, and every error, to it;
  * overlaps with metadata are the caller's to check, once for the run. This is how long data
  * runs are mapped without an entry object and a few calls per cluster (a 2 MiB request: 32).
+ * `owned`: only clusters with the COPIED flag (refcount 1), which a write may change in place.
  */
-export function scanDataRun(g: Qcow2Geometry, table: Buffer, index: number, max: number, fileEnd: number): DataRun {
+export function scanDataRun(g: Qcow2Geometry, table: Buffer, index: number, max: number, fileEnd: number, owned = false): DataRun {
   const cs = g.clusterSize;
   let host = 0;
   let count = 0;
@@ -165,6 +166,7 @@ export function scanDataRun(g: Qcow2Geometry, table: Buffer, index: number, max:
     const lo = table.readUInt32BE(pos + 4);
     // Compressed (bit 62), reserved bits 56-61 and 1-8, and the zero flag (bit 0) all end a run.
     if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) break;
+    if (owned && (hi & 0x80000000) === 0) break;
     const at = (hi & 0x00ffffff) * 0x1_0000_0000 + (lo >>> 0);
     if (count === 0) {
       if (at < cs || at % cs !== 0) break;

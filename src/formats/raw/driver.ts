@@ -129,6 +129,20 @@ export class RawDevice implements BlockDevice {
     return { fd: this.fd, offset, length };
   }
 
+  /** Small writes into a file's page cache, here and now (BlockDevice.writeNow). */
+  writeNow(buf: Buffer, offset: number): boolean {
+    const f = this.file;
+    if (f.readOnly || f.direct || f.isBlockDevice || buf.length === 0 || offset < 0 || offset + buf.length > this.sizeBytes) return false;
+    if ((this.guardHead && offset < PROBE_HEAD_BYTES) || this.writes?.overlaps(offset, buf.length) === true) return false;
+    try {
+      f.pwriteNow(buf, offset);
+    } catch {
+      // Written in part or not at all: pwrite writes it again and reports the error.
+      return false;
+    }
+    return true;
+  }
+
   pwrite(buf: Buffer, offset: number): Promise<void> {
     if (offset + buf.length > this.sizeBytes) return Promise.reject(beyondEnd(offset, buf.length, this.sizeBytes));
     if (this.guardHead && offset < PROBE_HEAD_BYTES && buf.length > 0) return this.guardedWrite(buf, offset);
