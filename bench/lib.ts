@@ -130,6 +130,8 @@ export async function runClient(row: Row, uri: string, ctx: { source: string; si
         '--time_based', `--runtime=${ctx.seconds}`, '--ramp_time=1', `--size=${ctx.sizeBytes}`, '--output-format=json',
       ]);
       const job = JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0];
+      // The pages a write row dirtied are written back now, not during the next measurement.
+      if (row.rw === 'randwrite') await writeBack();
       return row.rw === 'randwrite' ? job.write.iops : job.read.iops;
     }
   }

@@ -19,6 +19,7 @@ export const ROWS: readonly Row[] = [
   { id: 'randread-qd1', label: '4K random read QD1 (fio)', unit: 'IOPS', client: 'fio', rw: 'randread', iodepth: 1 },
   { id: 'randread-qd16', label: '4K random read QD16 (fio)', unit: 'IOPS', client: 'fio', rw: 'randread', iodepth: 16 },
   { id: 'randread-qd64', label: '4K random read QD64 (fio)', unit: 'IOPS', client: 'fio', rw: 'randread', iodepth: 64 },
+  { id: 'randwrite-qd16', label: '4K random write QD16 (fio)', unit: 'IOPS', client: 'fio', rw: 'randwrite', iodepth: 16 },
   { id: 'qcow2-seq-read', label: 'qcow2 sequential read (nbdcopy)', unit: 'GiB/s', client: 'nbdcopy-read', format: 'qcow2' },
   { id: 'qcow2-randread-qd1', label: 'qcow2 4K random read QD1 (fio)', unit: 'IOPS', client: 'fio', rw: 'randread', iodepth: 1, format: 'qcow2' },
   { id: 'qcow2-randread-qd16', label: 'qcow2 4K random read QD16 (fio)', unit: 'IOPS', client: 'fio', rw: 'randread', iodepth: 16, format: 'qcow2' },
