@@ -131,11 +131,9 @@ export class RawDevice implements BlockDevice {
 
   /** Small writes into a file's page cache, here and now (BlockDevice.writeNow). */
   writeNow(buf: Buffer, offset: number): boolean {
-    const f = this.file;
-    if (f.readOnly || f.direct || f.isBlockDevice || buf.length === 0 || offset < 0 || offset + buf.length > this.sizeBytes) return false;
-    if ((this.guardHead && offset < PROBE_HEAD_BYTES) || this.writes?.overlaps(offset, buf.length) === true) return false;
+    if (buf.length === 0 || this.hostWriteRun(offset, buf.length) === null || this.writes?.overlaps(offset, buf.length) === true) return false;
     try {
-      f.pwriteNow(buf, offset);
+      this.file.pwriteNow(buf, offset);
     } catch {
       // Written in part or not at all: pwrite writes it again and reports the error.
       return false;
