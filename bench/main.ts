@@ -63,7 +63,7 @@ async function main(): Promise<void> {
           let server: ServerHandle | undefined;
           try {
             server = await startServer(kind, path, dir, format);
-            for (const res of rows) report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds }));
+            for (const res of rows) report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds, image: path }));
           } catch (err) {
             process.stderr.write(`${kind}: ${(err as Error).message}\n`);
           } finally {
@@ -86,7 +86,7 @@ async function main(): Promise<void> {
             await makeQcow2(fresh, null, sizeBytes);
             await writeBack();
             server = await startServer(kind, fresh, dir, 'qcow2');
-            report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds }));
+            report(kind, res, await runClient(res.row, server.uri, { source, sizeBytes, seconds, image: fresh }));
           } catch (err) {
             process.stderr.write(`${kind}: ${(err as Error).message}\n`);
           } finally {
