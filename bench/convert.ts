@@ -76,10 +76,10 @@ export function makeMixed(path: string, sizeBytes: number): void {
   }
 }
 
-function runTimed(cmd: string, args: string[], env?: NodeJS.ProcessEnv): Promise<number> {
+function runTimed(cmd: string, args: string[]): Promise<number> {
   return new Promise((resolvePromise, reject) => {
     const start = process.hrtime.bigint();
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], env });
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
     child.on('error', reject);
@@ -144,44 +144,7 @@ export async function runConvertBench(only: readonly string[]): Promise<void> {
       const sz = sizes.get('imgbd') && sizes.get('qemu-img') ? `${(sizes.get('imgbd')! / MiB).toFixed(0)} / ${(sizes.get('qemu-img')! / MiB).toFixed(0)} MiB` : 'n/a';
       console.log(`| ${[row.label, ...TOOLS.map((t) => cell(seconds.get(t.name))), speed(im, seconds.get('qemu-img')), speed(im, seconds.get('qemu-img -m 8 -W')), speed(seconds.get('imgbd -t writeback'), seconds.get('qemu-img -t writeback')), sz].join(' | ')} |`);
     }
-    await printBounds(dir, table.filter((t) => t.row.extra.length === 0));
   } finally {
     rmSync(dir, { recursive: true, force: true });
-  }
-}
-
-/**
- * What no node program can beat on this machine, measured now: node's own start (bin/imgbd
- * leaves NODE_EXTRA_CA_CERTS out, so it is left out here too) plus writing the output's data
- * into the page cache (dd from /dev/zero, no read at all). ext4 and XFS take buffered writes
- * to one file one at a time (the inode lock), so more writers do not lower it. Where qemu-img's
- * whole conversion takes less than that sum, no speed-up of the copy can reach 1.0x.
- */
-async function printBounds(dir: string, rows: readonly { row: ConvertRow; seconds: Map<string, number>; sizes: Map<string, number> }[]): Promise<void> {
-  if (rows.length === 0) return;
-  const env = { ...process.env };
-  delete env.NODE_EXTRA_CA_CERTS;
-  let nodeStart = Infinity;
-  for (let i = 0; i < 10; i++) nodeStart = Math.min(nodeStart, await runTimed(process.execPath, ['-e', '0'], env));
-  console.log(`
-bounds (best of several runs, now): node's bare start ${(nodeStart * 1000).toFixed(0)} ms`);
-  for (const { row, seconds, sizes } of rows) {
-    const dataBytes = sizes.get('qemu-img');
-    const q = Math.min(seconds.get('qemu-img') ?? Infinity, seconds.get('qemu-img -m 8 -W') ?? Infinity);
-    if (dataBytes === undefined || q === Infinity) continue;
-    const blocks = Math.max(1, Math.round(dataBytes / (2 * MiB)));
-    const out = join(dir, 'floor.out');
-    let write = Infinity;
-    for (let i = 0; i < 6; i++) {
-      rmSync(out, { force: true });
-      await runTimed(process.execPath, ['-e', `Buffer.allocUnsafe(${WARM_BYTES}).fill(1)`]);
-      write = Math.min(write, await runTimed('dd', ['if=/dev/zero', `of=${out}`, 'bs=2M', `count=${blocks}`]));
-    }
-    rmSync(out, { force: true });
-    const floor = nodeStart + write;
-    console.log(
-      `- ${row.label}: writing its ${blocks * 2} MiB of output (dd) ${write.toFixed(2)} s + node's start = ${floor.toFixed(2)} s; ` +
-        `qemu-img's best ${q.toFixed(2)} s: at most ${(q / floor).toFixed(2)}x for any node program`,
-    );
   }
 }
