@@ -103,7 +103,10 @@ export async function convertImage(o: ConvertOptions): Promise<ConvertResult> {
     // and switched back to what was asked for once complete.
     const q = o.create?.qcow2;
     const lazyWhileWriting = fresh && targetFormat === 'qcow2' && (q?.compat ?? '1.1') === '1.1' && q?.lazyRefcounts !== true;
-    if (fresh) await createImage(o.target, targetFormat, sizeBytes, lazyWhileWriting ? { ...o.create, qcow2: { ...q, lazyRefcounts: true } } : o.create);
+    if (fresh) {
+      const create = { ...o.create, cacheUnsafe: o.noFlush === true };
+      await createImage(o.target, targetFormat, sizeBytes, lazyWhileWriting ? { ...create, qcow2: { ...q, lazyRefcounts: true } } : create);
+    }
     // The target reads its backing file for -B (only what differs is written), so allow its directory.
     const backingPath = backing === undefined ? undefined : isAbsolute(backing) ? backing : resolve(dirname(resolve(o.target)), backing);
     const opened = await openTarget(o.target, {

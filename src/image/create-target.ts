@@ -13,12 +13,14 @@ export const CREATABLE_FORMATS = ['raw', 'qcow2', 'qed', 'vdi'] as const;
 export type CreatableFormat = (typeof CREATABLE_FORMATS)[number];
 
 export interface ImageCreateOptions {
-  readonly qcow2?: Omit<Qcow2CreateOptions, 'sizeBytes' | 'backingFile' | 'backingFormat'>;
-  readonly qed?: Omit<QedCreateOptions, 'sizeBytes' | 'backingFile' | 'backingFormat'>;
-  readonly vdi?: Omit<VdiCreateOptions, 'sizeBytes'>;
+  readonly qcow2?: Omit<Qcow2CreateOptions, 'sizeBytes' | 'backingFile' | 'backingFormat' | 'cacheUnsafe'>;
+  readonly qed?: Omit<QedCreateOptions, 'sizeBytes' | 'backingFile' | 'backingFormat' | 'cacheUnsafe'>;
+  readonly vdi?: Omit<VdiCreateOptions, 'sizeBytes' | 'cacheUnsafe'>;
   /** Stored as given (relative names are relative to the new image's directory). */
   readonly backingFile?: string;
   readonly backingFormat?: string;
+  /** Cache mode "unsafe": the new image is not flushed (convert's default, as qemu-img's). */
+  readonly cacheUnsafe?: boolean;
 }
 
 export function isCreatableFormat(f: string): f is CreatableFormat {
@@ -29,17 +31,18 @@ export function isCreatableFormat(f: string): f is CreatableFormat {
 export async function createImage(path: string, format: string, sizeBytes: number, o: ImageCreateOptions = {}): Promise<void> {
   if (!isCreatableFormat(format)) throw new UsageError(`cannot create '${format}' images (known: ${CREATABLE_FORMATS.join(', ')})`);
   const backing = o.backingFile !== undefined ? { backingFile: o.backingFile, backingFormat: o.backingFormat } : {};
+  const cacheUnsafe = o.cacheUnsafe === true;
   switch (format) {
     case 'qcow2':
-      return createQcow2(path, { ...o.qcow2, sizeBytes, ...backing });
+      return createQcow2(path, { ...o.qcow2, sizeBytes, cacheUnsafe, ...backing });
     case 'qed':
-      return createQed(path, { ...o.qed, sizeBytes, ...backing });
+      return createQed(path, { ...o.qed, sizeBytes, cacheUnsafe, ...backing });
     case 'vdi':
       if (o.backingFile !== undefined) throw new UsageError('vdi images have no backing file');
-      return createVdi(path, { ...o.vdi, sizeBytes });
+      return createVdi(path, { ...o.vdi, sizeBytes, cacheUnsafe });
     case 'raw': {
       if (o.backingFile !== undefined) throw new UsageError('raw images have no backing file');
-      const f = await HostFile.open(path, { create: true });
+      const f = await HostFile.open(path, { create: true, ignoreFlush: cacheUnsafe });
       try {
         await f.truncate(0);
         await f.truncate(sizeBytes);

@@ -7,6 +7,8 @@
 import { EXTENT_ZERO, type BlockDevice } from '../block/device.js';
 import { walkExtents } from '../block/walk.js';
 import { sharedBuffer, type CompressPool } from './compress-pool.js';
+import { mapNext, type MapPolicy } from './copy-balance.js';
+import { releasePieces, SourceMappings } from './mapped-source.js';
 import { zeroRuns } from './zero.js';
 
 export interface TransferJob {
@@ -51,6 +53,8 @@ export interface TransferOptions {
   /** Restrict the walk: ranges where this returns false are left alone (rebase: unallocated only). */
   readonly include?: (offset: number, length: number) => AsyncIterable<{ offset: number; length: number }>;
   readonly onProgress?: (doneBytes: number) => void;
+  /** When to write data from the source's mapped page cache (copy-balance.ts); default 'balance'. */
+  readonly mapSource?: MapPolicy;
 }
 
 export interface TransferStats {
@@ -60,6 +64,8 @@ export interface TransferStats {
   zeroedBytes: number;
   /** Bytes read from the source. */
   readBytes: number;
+  /** Of those, bytes taken from the source's page cache through a mapping, not read. */
+  mappedBytes: number;
 }
 
 const alignDown = (x: number, a: number): number => x - (x % a);
@@ -108,7 +114,7 @@ export async function transfer(o: TransferOptions): Promise<TransferStats> {
   const start = o.start ?? 0;
   const end = o.end ?? o.sources[0]!.sizeBytes;
   const requestBytes = alignUp(o.requestBytes, o.grainBytes);
-  const stats: TransferStats = { writtenBytes: 0, zeroedBytes: 0, readBytes: 0 };
+  const stats: TransferStats = { writtenBytes: 0, zeroedBytes: 0, readBytes: 0, mappedBytes: 0 };
   const queue = planFiltered(o, start, end, requestBytes);
   // Generators cannot be advanced concurrently: workers take jobs through one chain.
   let chain: Promise<IteratorResult<TransferJob>> = Promise.resolve({ done: false, value: undefined as unknown as TransferJob });
@@ -120,6 +126,7 @@ export async function transfer(o: TransferOptions): Promise<TransferStats> {
   };
   let done = 0;
   const workers: Promise<void>[] = [];
+  const ctx = { mappings: new SourceMappings(), mapPolicy: o.mapSource ?? 'balance' };
   for (let w = 0; w < Math.max(1, o.workers); w++) {
     const src = o.sources[w % o.sources.length]!;
     const dst = o.targets[w % o.targets.length]!;
@@ -131,7 +138,7 @@ export async function transfer(o: TransferOptions): Promise<TransferStats> {
       (async () => {
         try {
           for (let job = await take(); job; job = await take()) {
-            await runJob(o, stats, src, dst, job, buf, old, packed);
+            await runJob(o, stats, src, dst, job, buf, old, packed, ctx);
             done += job.length;
             o.onProgress?.(done);
           }
@@ -142,9 +149,11 @@ export async function transfer(o: TransferOptions): Promise<TransferStats> {
       })(),
     );
   }
-  const results = await Promise.allSettled(workers);
-  const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (bad) throw bad.reason;
+  try {
+    await allSettled(workers);
+  } finally {
+    ctx.mappings.close();
+  }
   return stats;
 }
 
@@ -165,6 +174,7 @@ async function runJob(
   buf: Buffer,
   old: Buffer | undefined,
   packed: Buffer | undefined,
+  ctx: { readonly mappings: SourceMappings; readonly mapPolicy: MapPolicy },
 ): Promise<void> {
   if (job.zero && !o.onlyDifferences) {
     if (!o.targetZeroed) {
@@ -184,6 +194,20 @@ async function runJob(
         await dst.zero(off + a, b - a);
         stats.zeroedBytes += b - a;
       }
+    }
+    return;
+  }
+  // Cached plain data may be written from the page cache itself, the read's copy skipped (see
+  // copy-balance.ts). Compression threads cannot see a mapping; -B compares with the target first.
+  const pieces = packed === undefined && old === undefined && mapNext(ctx.mapPolicy, stats) ? ctx.mappings.map(src, job.offset, job.length) : null;
+  if (pieces !== null) {
+    stats.readBytes += job.length;
+    stats.mappedBytes += job.length;
+    try {
+      await allSettled(pieces.map((p) => writeGrains(o, stats, dst, p.view.buf, p.offset)));
+    } finally {
+      // Only now: a write still running would read unmapped memory, or another mapping at its address.
+      releasePieces(pieces);
     }
     return;
   }
@@ -207,7 +231,7 @@ async function runJob(
       }
       if (a >= job.length) break;
     }
-    await Promise.all(writes);
+    await allSettled(writes);
     return;
   }
   await writeGrains(o, stats, dst, data, job.offset, packed);
@@ -250,5 +274,12 @@ async function writeGrains(o: TransferOptions, stats: TransferStats, dst: Transf
       i += n;
     }
   }
-  await Promise.all(writes);
+  await allSettled(writes);
+}
+
+/** Wait for every promise, then throw the first failure: callers reuse or unmap the buffers they read. */
+async function allSettled(promises: readonly Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(promises);
+  const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (bad) throw bad.reason;
 }

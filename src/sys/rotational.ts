@@ -1,12 +1,9 @@
 // Whether storage spins, from sysfs (Documentation/ABI/stable/sysfs-block, queue/rotational),
 // so the server can set NBD_FLAG_ROTATIONAL and clients schedule I/O accordingly.
 
-// node:fs rather than node:fs/promises: every image open asks, and loading that module costs a
-// command ~3 ms (src/io/realpath.ts).
-import { readFile } from 'node:fs';
-import { promisify } from 'node:util';
-
-const readText = promisify(readFile);
+// Read synchronously: sysfs attributes are made in memory when read, and every image open asks,
+// where a read through the thread pool took four round trips (open, stat, read, close).
+import { readFileSync } from 'node:fs';
 
 /**
  * Split a dev_t as glibc's gnu_dev_major/gnu_dev_minor do:
@@ -27,12 +24,12 @@ export function splitDevT(dev: number): { major: number; minor: number } {
  * filesystem) is rotational. Partitions have no queue/ of their own; their disk's is used.
  * Anything unreadable counts as not rotational (the NBD default).
  */
-export async function isRotational(dev: number): Promise<boolean> {
+export function isRotational(dev: number): boolean {
   const { major, minor } = splitDevT(dev);
   const base = `/sys/dev/block/${major}:${minor}`;
   for (const p of [`${base}/queue/rotational`, `${base}/../queue/rotational`]) {
     try {
-      return (await readText(p, 'latin1')).trim() === '1';
+      return readFileSync(p, 'latin1').trim() === '1';
     } catch {
       // try the next candidate
     }

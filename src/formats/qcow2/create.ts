@@ -25,6 +25,8 @@ import { writeRefcountEntry } from './refcount.js';
 
 export interface Qcow2CreateOptions {
   readonly sizeBytes: number;
+  /** Cache mode "unsafe" (convert -t unsafe): the new file is not flushed. */
+  readonly cacheUnsafe?: boolean;
   /** '0.10' makes a version 2 image, '1.1' (default) version 3. */
   readonly compat?: '0.10' | '1.1';
   readonly clusterSize?: number;
@@ -122,7 +124,7 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
   });
   if (external) {
     const dataPath = isAbsolute(o.dataFile!) ? o.dataFile! : resolve(dirname(path), o.dataFile!);
-    const df = await HostFile.open(dataPath, { create: true });
+    const df = await HostFile.open(dataPath, { create: true, ignoreFlush: o.cacheUnsafe === true });
     try {
       await df.truncate(0);
       await df.truncate(sizeBytes);
@@ -132,7 +134,7 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
     }
   }
 
-  const file = await HostFile.open(path, { create: true });
+  const file = await HostFile.open(path, { create: true, ignoreFlush: o.cacheUnsafe === true });
   try {
     await file.truncate(0);
     const reftable = Buffer.alloc(reftableClusters * clusterSize);

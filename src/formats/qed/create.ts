@@ -24,6 +24,8 @@ import {
 
 export interface QedCreateOptions {
   readonly sizeBytes: number;
+  /** Cache mode "unsafe" (convert -t unsafe): the new file is not flushed. */
+  readonly cacheUnsafe?: boolean;
   readonly clusterSize?: number;
   /** Clusters per L1/L2 table. */
   readonly tableSize?: number;
@@ -72,7 +74,7 @@ export async function createQed(path: string, o: QedCreateOptions): Promise<void
     backingFilenameSize: name.length,
   });
 
-  const file = await HostFile.open(path, { create: true });
+  const file = await HostFile.open(path, { create: true, ignoreFlush: o.cacheUnsafe === true });
   try {
     await file.truncate(0);
     const head = Buffer.alloc(clusterSize);

@@ -279,9 +279,9 @@ export async function openRaw(path: string, opts: RawOpenOptions = {}): Promise<
       const size = blockDeviceSize(file.fd);
       const logical = blockDeviceLogicalSectorSize(file.fd);
       const physical = blockDevicePhysicalSectorSize(file.fd);
-      return new RawDevice(file, size, logical > 0 ? logical : 512, physical, probed, await isRotational(st.rdev));
+      return new RawDevice(file, size, logical > 0 ? logical : 512, physical, probed, isRotational(st.rdev));
     }
-    return new RawDevice(file, st.size, 1, 0, probed, await isRotational(st.dev));
+    return new RawDevice(file, st.size, 1, 0, probed, isRotational(st.dev));
   } catch (e) {
     await file.close();
     throw e;

@@ -10,6 +10,8 @@ import { randomVdiUuid } from './uuid.js';
 
 export interface VdiCreateOptions {
   readonly sizeBytes: number;
+  /** Cache mode "unsafe" (convert -t unsafe): the new file is not flushed. */
+  readonly cacheUnsafe?: boolean;
   /** Preallocate every block (qemu-img -o static=on). */
   readonly static?: boolean;
 }
@@ -38,7 +40,7 @@ export async function createVdi(path: string, o: VdiCreateOptions): Promise<void
   const map = Buffer.alloc(mapBytes);
   for (let i = 0; i < blocks; i++) map.writeUInt32LE(isStatic ? i : VDI_UNALLOCATED, i * 4);
 
-  const file = await HostFile.open(path, { create: true });
+  const file = await HostFile.open(path, { create: true, ignoreFlush: o.cacheUnsafe === true });
   try {
     await file.truncate(0);
     await file.pwrite(header, 0);
