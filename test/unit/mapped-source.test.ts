@@ -165,3 +165,22 @@ test('a failed write does not unmap what other writes of the request still read'
   );
   assert.equal(slowFinished, true, 'the transfer failed only once the other writes were done');
 });
+
+test('by default the copy maps its source only once a fifth of what it reads is zeros', async (t) => {
+  const dir = tempDir(t);
+  const MiB = 1 << 20;
+  for (const [name, zeroMiBs] of [['data only', 0], ['half zeros', 4]] as const) {
+    const path = join(dir, `${name}.raw`);
+    const data = randomBytes(8 * MiB);
+    // Written zeros, not holes: they are read and found to be zeros.
+    for (let m = 0; m < zeroMiBs; m++) data.fill(0, (2 * m + 1) * MiB, (2 * m + 2) * MiB);
+    writeFileSync(path, data);
+    const src = await openRaw(path, { readOnly: true });
+    t.after(() => src.close());
+    const dst = new MemoryDevice(data.length);
+    const stats = await transfer({ sources: [src], targets: [deviceTarget(dst)], requestBytes: MiB, workers: 1, grainBytes: 65536, targetZeroed: true });
+    assert.ok(dst.data.equals(data), name);
+    if (zeroMiBs === 0) assert.equal(stats.mappedBytes, 0, 'all read, none zeros: the loop copies');
+    else assert.ok(stats.mappedBytes >= 6 * MiB, `${name}: mapped ${stats.mappedBytes}`);
+  }
+});

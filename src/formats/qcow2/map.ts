@@ -159,11 +159,14 @@ export interface DataRun {
  */
 export function scanDataRun(g: Qcow2Geometry, table: Buffer, index: number, max: number, fileEnd: number, owned = false): DataRun {
   const cs = g.clusterSize;
+  // A DataView: copies run without optimising compilation, where Buffer.readUInt32BE is a call
+  // each (32 entries: 11 us; 3 us this way).
+  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   let host = 0;
   let count = 0;
   for (let pos = index * 8; count < max; count++, pos += 8) {
-    const hi = table.readUInt32BE(pos);
-    const lo = table.readUInt32BE(pos + 4);
+    const hi = view.getUint32(pos);
+    const lo = view.getUint32(pos + 4);
     // Compressed (bit 62), reserved bits 56-61 and 1-8, and the zero flag (bit 0) all end a run.
     if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) break;
     if (owned && (hi & 0x80000000) === 0) break;
@@ -181,8 +184,9 @@ export function scanDataRun(g: Qcow2Geometry, table: Buffer, index: number, max:
 
 /** How many entries of a standard L2 table from `index` on (at most `max`) are all zero bits: unallocated. */
 export function scanUnallocatedRun(table: Buffer, index: number, max: number): number {
+  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   let count = 0;
-  for (let pos = index * 8; count < max && table.readUInt32BE(pos) === 0 && table.readUInt32BE(pos + 4) === 0; pos += 8) count++;
+  for (let pos = index * 8; count < max && view.getUint32(pos) === 0 && view.getUint32(pos + 4) === 0; pos += 8) count++;
   return count;
 }
 
