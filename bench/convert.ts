@@ -2,7 +2,7 @@
 // -m 8 -W) on one image of mixed content (random data, text-like compressible data, written
 // zeros, holes): qcow2 -> raw, raw -> qcow2, raw -> qcow2 -c with zlib and zstd. Every imgbd
 // output is checked with qemu-img compare. Wall-clock seconds, best of BENCH_CONVERT_RUNS
-// (default: 6 runs uncompressed, 3 compressed).
+// (default: 10 runs uncompressed, 3 compressed).
 // Neither flushes its target by default (-t unsafe); both do with -t writeback, compared too.
 //
 // Before each run, 1 GiB of memory is touched and freed. On a VM whose host takes back the
@@ -93,9 +93,10 @@ function runTimed(cmd: string, args: string[]): Promise<number> {
 export async function runConvertBench(only: readonly string[]): Promise<void> {
   if (only.length > 0 && !only.some((o) => 'convert'.includes(o) || o.includes('convert'))) return;
   const sizeBytes = Number(process.env.BENCH_CONVERT_SIZE ?? 1024 ** 3);
-  // An uncompressed convert takes ~0.15 s here while one run in three or four is slowed by
-  // 0.1-0.6 s of page faults (see above): those rows take more runs to find each tool's best.
-  const plainRuns = Number(process.env.BENCH_CONVERT_RUNS ?? 6);
+  // An uncompressed convert takes ~0.15-0.2 s here while one run in three (in some hours one in
+  // two, for every tool) spends two to four times as long in the kernel (0.5-0.8 s of system
+  // time for the same 512 MiB written): those rows take more runs to find each tool's best.
+  const plainRuns = Number(process.env.BENCH_CONVERT_RUNS ?? 10);
   const compressedRuns = Number(process.env.BENCH_CONVERT_RUNS ?? 3);
   const dir = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'imgbd-bench-convert-'));
   try {
